@@ -1,0 +1,175 @@
+"""Collectives over the mesh: all-reduce (sum), gather to rank 0, broadcast.
+
+Every rank calls the same collectives in the same order; each call takes the
+next operation number, sent as the TENSOR frame's tag (protocol_spec.md 3.8)
+together with the cluster epoch, so a stale frame from before a re-formation
+is recognised and dropped. Sums add the ranks' parts in rank order on every
+rank, so all ranks hold bit-identical results.
+
+For the small payloads of decoding, one direct exchange (every rank sends its
+part to every other) costs one network latency, the minimum; with at most a
+handful of ranks its bandwidth overhead over a ring is small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from tpnet import wire
+from tpnet.net import Mesh, PeerLost
+
+_MX_DTYPE_NAME = {
+    mx.float32: "float32",
+    mx.float16: "float16",
+    mx.bfloat16: "bfloat16",
+    mx.int32: "int32",
+    mx.int64: "int64",
+    mx.uint8: "uint8",
+    mx.uint32: "uint32",
+}
+_MX_DTYPE = {name: dtype for dtype, name in _MX_DTYPE_NAME.items()}
+
+EPOCH_SHIFT = 40  # tag = epoch << 40 | operation number
+
+
+def to_buffer(x: mx.array) -> tuple[str, tuple[int, ...], Any]:
+    """Evaluate x and return (dtype name, shape, a buffer over its memory)."""
+    mx.eval(x)
+    name = _MX_DTYPE_NAME[x.dtype]
+    if x.dtype == mx.bfloat16:
+        x = x.view(mx.uint16)
+    return name, tuple(x.shape), np.asarray(x)
+
+
+def from_message(msg: wire.Message) -> mx.array:
+    arr = mx.array(msg.array())
+    if msg.dtype == "bfloat16":
+        arr = arr.view(mx.bfloat16)
+    return arr
+
+
+class Collective:
+    """Collectives for one rank. A lost peer fails the pending operation with
+    PeerLost; `reset(epoch)` starts a fresh operation sequence after the
+    cluster re-forms."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.rank = mesh.rank
+        self.world_size = mesh.world_size
+        self.epoch = 0
+        self._op = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._waiting_for: list[int] = []
+        self._expected_tag = 0
+        # Measured per all-reduce for /metrics: seconds, bytes.
+        self.latencies: collections.deque[float] = collections.deque(maxlen=4096)
+        mesh.tensor_listeners.append(self._on_tensor)
+        mesh.lost_listeners.append(self._on_lost)
+
+    def reset(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._op = 0
+        for queue in self.mesh.tensors.values():
+            queue.clear()
+
+    def _next_tag(self) -> int:
+        self._op += 1
+        return (self.epoch << EPOCH_SHIFT) | self._op
+
+    # waiting for parts --------------------------------------------------------
+
+    def _on_tensor(self, rank: int) -> None:
+        queue = self.mesh.tensors[rank]
+        # Drop frames of an earlier epoch (sent before a re-formation).
+        while queue and queue[0].tag >> EPOCH_SHIFT < self.epoch:
+            queue.popleft()
+        if self._waiter is not None and not self._waiter.done() and self._ready():
+            self._waiter.set_result(None)
+
+    def _on_lost(self, rank: int, reason: str) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            if rank in self._waiting_for:
+                self._waiter.set_exception(PeerLost(rank, reason))
+
+    def _ready(self) -> bool:
+        return all(self.mesh.tensors[r] for r in self._waiting_for)
+
+    async def _receive(self, ranks: list[int], tag: int) -> dict[int, wire.Message]:
+        self._waiting_for = ranks
+        for r in ranks:
+            if r not in self.mesh.links:
+                raise PeerLost(r, "not connected")
+            self._on_tensor(r)
+        if not self._ready():
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        parts = {}
+        for r in ranks:
+            msg = self.mesh.tensors[r].popleft()
+            if msg.tag != tag:
+                raise PeerLost(
+                    r, f"collective out of step: expected tag {tag:#x}, got {msg.tag:#x}"
+                )
+            parts[r] = msg
+        return parts
+
+    # collectives ----------------------------------------------------------------
+
+    async def all_sum(self, x: mx.array) -> mx.array:
+        """Sum x over all ranks; every rank gets the same result."""
+        if self.world_size == 1:
+            return x
+        started = time.perf_counter()
+        tag = self._next_tag()
+        dtype, shape, buf = to_buffer(x)
+        frame = wire.encode_tensor(tag, dtype, shape, buf)
+        others = [r for r in range(self.world_size) if r != self.rank]
+        for r in others:
+            self.mesh.send(r, frame)
+        parts = await self._receive(others, tag)
+        total: mx.array | None = None
+        for r in range(self.world_size):
+            part = x if r == self.rank else from_message(parts[r])
+            total = part if total is None else total + part
+        assert total is not None
+        self.latencies.append(time.perf_counter() - started)
+        return total
+
+    async def gather(self, x: mx.array) -> list[mx.array] | None:
+        """Rank 0 gets every rank's x in rank order; other ranks get None."""
+        if self.world_size == 1:
+            return [x]
+        tag = self._next_tag()
+        if self.rank != 0:
+            dtype, shape, buf = to_buffer(x)
+            self.mesh.send(0, wire.encode_tensor(tag, dtype, shape, buf))
+            return None
+        others = list(range(1, self.world_size))
+        parts = await self._receive(others, tag)
+        return [x] + [from_message(parts[r]) for r in others]
+
+    async def broadcast(self, x: mx.array | None) -> mx.array:
+        """Rank 0's x, delivered to every rank."""
+        if self.world_size == 1:
+            assert x is not None
+            return x
+        tag = self._next_tag()
+        if self.rank == 0:
+            assert x is not None
+            dtype, shape, buf = to_buffer(x)
+            frame = wire.encode_tensor(tag, dtype, shape, buf)
+            for r in range(1, self.world_size):
+                self.mesh.send(r, frame)
+            return x
+        parts = await self._receive([0], tag)
+        return from_message(parts[0])

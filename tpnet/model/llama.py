@@ -1,0 +1,199 @@
+"""The Llama family (llama, mistral, qwen2, qwen3) over a ragged batch.
+
+A step's tokens from every sequence are stacked into one [T, hidden] matrix,
+so each projection is one matmul for the whole batch and each layer costs one
+all-reduce after attention and one after the MLP, whatever the batch. Only
+attention is per sequence, over that sequence's KV cache.
+
+The model reads as if on one machine: layers hold whatever slice the shard
+plan gave them, and `all_sum` is the only place ranks meet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.rope_utils import initialize_rope
+
+from tpnet.model.loader import ModelConfig, ModelSpec
+from tpnet.model.shard import LinearWeights, ShardPlan, SliceLoader
+
+AllSum = Callable[[mx.array], Awaitable[mx.array]]
+
+
+@dataclass
+class Segment:
+    """One sequence's rows in the step: rows [start, start+length) of the
+    batch, appended to `cache` (one KVCache per layer)."""
+
+    start: int
+    length: int
+    cache: list[KVCache]
+
+
+def new_cache(num_layers: int) -> list[KVCache]:
+    return [KVCache() for _ in range(num_layers)]
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+class Attention:
+    def __init__(self, cfg: ModelConfig, plan: ShardPlan, load: SliceLoader, p: str) -> None:
+        d = cfg.head_dim
+        q0, q1 = plan.q_heads
+        k0, k1 = plan.kv_heads
+        self.n_heads = q1 - q0
+        self.n_kv_heads = k1 - k0
+        self.head_dim = d
+        self.scale = d**-0.5
+        self.eps = cfg.rms_norm_eps
+        self.q_proj = load.linear(p + "q_proj", rows=(q0 * d, q1 * d))
+        self.k_proj = load.linear(p + "k_proj", rows=(k0 * d, k1 * d))
+        self.v_proj = load.linear(p + "v_proj", rows=(k0 * d, k1 * d))
+        # A row-parallel bias is added once, by rank 0, before the sum.
+        self.o_proj = load.linear(
+            p + "o_proj", cols=(q0 * d, q1 * d), with_bias=plan.rank == 0
+        )
+        # With more ranks than KV heads, a rank's first query head may sit in
+        # the middle of its KV head's group.
+        group = cfg.num_heads // cfg.num_kv_heads
+        self.kv_index = None
+        if self.n_heads % max(self.n_kv_heads, 1) or q0 % group:
+            self.kv_index = mx.array([h // group - k0 for h in range(q0, q1)])
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = load.vector(p + "q_norm.weight")
+            self.k_norm = load.vector(p + "k_norm.weight")
+        self.rope = initialize_rope(
+            d,
+            cfg.rope_theta,
+            cfg.rope_traditional,
+            cfg.rope_scaling,
+            cfg.max_position_embeddings,
+        )
+
+    def __call__(self, x: mx.array, segments: list[Segment], layer: int) -> mx.array:
+        # x: [T, hidden] -> partial o_proj output [T, hidden]
+        d = self.head_dim
+        q = self.q_proj(x).reshape(-1, self.n_heads, d)
+        k = self.k_proj(x).reshape(-1, self.n_kv_heads, d)
+        v = self.v_proj(x).reshape(-1, self.n_kv_heads, d)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        outs = []
+        for seg in segments:
+            rows = slice(seg.start, seg.start + seg.length)
+            # [L, heads, d] -> [1, heads, L, d]
+            qs = q[rows].transpose(1, 0, 2)[None]
+            ks = k[rows].transpose(1, 0, 2)[None]
+            vs = v[rows].transpose(1, 0, 2)[None]
+            cache = seg.cache[layer]
+            qs = self.rope(qs, offset=cache.offset)
+            ks = self.rope(ks, offset=cache.offset)
+            keys, values = cache.update_and_fetch(ks, vs)
+            if self.kv_index is not None:
+                keys, values = keys[:, self.kv_index], values[:, self.kv_index]
+            o = mx.fast.scaled_dot_product_attention(
+                qs,
+                keys,
+                values,
+                scale=self.scale,
+                mask="causal" if seg.length > 1 else None,
+            )
+            outs.append(o[0].transpose(1, 0, 2).reshape(seg.length, -1))
+        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+        return self.o_proj(out)
+
+
+class MLP:
+    def __init__(self, plan: ShardPlan, load: SliceLoader, p: str) -> None:
+        m = plan.mlp
+        self.gate_proj = load.linear(p + "gate_proj", rows=m)
+        self.up_proj = load.linear(p + "up_proj", rows=m)
+        self.down_proj = load.linear(p + "down_proj", cols=m, with_bias=plan.rank == 0)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        g = self.gate_proj(x)
+        return self.down_proj(g * mx.sigmoid(g) * self.up_proj(x))
+
+
+class Block:
+    def __init__(self, cfg: ModelConfig, plan: ShardPlan, load: SliceLoader, i: int) -> None:
+        p = f"model.layers.{i}."
+        self.self_attn = Attention(cfg, plan, load, p + "self_attn.")
+        self.mlp = MLP(plan, load, p + "mlp.")
+        self.input_layernorm = load.vector(p + "input_layernorm.weight")
+        self.post_attention_layernorm = load.vector(p + "post_attention_layernorm.weight")
+        self.eps = cfg.rms_norm_eps
+
+
+class ShardedModel:
+    """This rank's part of the model; `forward` must be called by every rank
+    with the same batch, in the same order."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        plan: ShardPlan,
+        all_sum: AllSum,
+        dtype: mx.Dtype = mx.float32,
+        dequantize: bool = False,
+    ) -> None:
+        cfg = spec.config
+        self.config = cfg
+        self.plan = plan
+        self.all_sum = all_sum
+        self.dtype = dtype
+        load = SliceLoader(spec, dtype, dequantize)
+        self.embed_tokens = load.linear("model.embed_tokens", rows=plan.vocab)
+        self.layers = [Block(cfg, plan, load, i) for i in range(cfg.num_layers)]
+        self.norm = load.vector("model.norm.weight")
+        if cfg.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = load.linear("lm_head", rows=plan.vocab)
+
+    def new_cache(self) -> list[KVCache]:
+        return new_cache(self.config.num_layers)
+
+    async def embed(self, tokens: mx.array) -> mx.array:
+        # tokens: [T] int32 -> [T, hidden]; each rank looks up its vocabulary
+        # slice and the sum fills in every row.
+        v0, v1 = self.plan.vocab
+        if (v0, v1) == (0, self.config.vocab_size):
+            return self.embed_tokens.rows(tokens).astype(self.dtype)
+        local = tokens - v0
+        inside = (local >= 0) & (local < v1 - v0)
+        rows = self.embed_tokens.rows(mx.where(inside, local, 0)).astype(self.dtype)
+        return await self.all_sum(rows * inside[:, None])
+
+    async def forward(self, tokens: mx.array, segments: list[Segment]) -> mx.array:
+        """Hidden states after the final norm, [T, hidden]."""
+        h = await self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_layernorm, layer.eps)
+            h = h + await self.all_sum(layer.self_attn(x, segments, i))
+            x = rms_norm(h, layer.post_attention_layernorm, layer.eps)
+            h = h + await self.all_sum(layer.mlp(x))
+        return rms_norm(h, self.norm, self.config.rms_norm_eps)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """This rank's vocabulary slice of the logits, [rows, vocab slice]."""
+        return self.lm_head(h).astype(mx.float32)
+
+    def resident_arrays(self) -> list[mx.array]:
+        out = self.embed_tokens.arrays() + [self.norm]
+        if self.lm_head is not self.embed_tokens:
+            out += self.lm_head.arrays()
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                out += lin.arrays()
+            out += [layer.input_layernorm, layer.post_attention_layernorm]
+        return out
