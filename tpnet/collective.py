@@ -38,6 +38,10 @@ _MX_DTYPE = {name: dtype for dtype, name in _MX_DTYPE_NAME.items()}
 EPOCH_SHIFT = 40  # tag = epoch << 40 | operation number
 
 
+class StepAborted(Exception):
+    """The cluster moved to a new epoch while this rank was mid-step."""
+
+
 def to_buffer(x: mx.array) -> tuple[str, tuple[int, ...], Any]:
     """Evaluate x and return (dtype name, shape, a buffer over its memory)."""
     mx.eval(x)
@@ -67,17 +71,23 @@ class Collective:
         self._op = 0
         self._waiter: asyncio.Future[None] | None = None
         self._waiting_for: list[int] = []
-        self._expected_tag = 0
+        self._retired: collections.deque[int] = collections.deque(maxlen=64)
         # Measured per all-reduce for /metrics: seconds, bytes.
         self.latencies: collections.deque[float] = collections.deque(maxlen=4096)
         mesh.tensor_listeners.append(self._on_tensor)
         mesh.lost_listeners.append(self._on_lost)
 
     def reset(self, epoch: int) -> None:
+        """Start the operation sequence of a new cluster epoch. Frames of the
+        new epoch may already have arrived (a faster rank started the step
+        first) and are kept; frames of retired epochs are dropped."""
+        if epoch == self.epoch:
+            return
+        self._retired.append(self.epoch)
         self.epoch = epoch
         self._op = 0
-        for queue in self.mesh.tensors.values():
-            queue.clear()
+        for rank in self.mesh.tensors:
+            self._drop_retired(rank)
 
     def _next_tag(self) -> int:
         self._op += 1
@@ -85,11 +95,13 @@ class Collective:
 
     # waiting for parts --------------------------------------------------------
 
-    def _on_tensor(self, rank: int) -> None:
+    def _drop_retired(self, rank: int) -> None:
         queue = self.mesh.tensors[rank]
-        # Drop frames of an earlier epoch (sent before a re-formation).
-        while queue and queue[0].tag >> EPOCH_SHIFT < self.epoch:
+        while queue and queue[0].tag >> EPOCH_SHIFT in self._retired:
             queue.popleft()
+
+    def _on_tensor(self, rank: int) -> None:
+        self._drop_retired(rank)
         if self._waiter is not None and not self._waiter.done() and self._ready():
             self._waiter.set_result(None)
 
@@ -113,15 +125,16 @@ class Collective:
                 await self._waiter
             finally:
                 self._waiter = None
-        parts = {}
         for r in ranks:
-            msg = self.mesh.tensors[r].popleft()
-            if msg.tag != tag:
+            head = self.mesh.tensors[r][0].tag
+            if head >> EPOCH_SHIFT != self.epoch:
+                # The peer has moved on to a new epoch: this step is void.
+                raise StepAborted(f"rank {r} is in epoch {head >> EPOCH_SHIFT}")
+            if head != tag:
                 raise PeerLost(
-                    r, f"collective out of step: expected tag {tag:#x}, got {msg.tag:#x}"
+                    r, f"collective out of step: expected tag {tag:#x}, got {head:#x}"
                 )
-            parts[r] = msg
-        return parts
+        return {r: self.mesh.tensors[r].popleft() for r in ranks}
 
     # collectives ----------------------------------------------------------------
 

@@ -1,0 +1,5 @@
+import sys
+
+from tpnet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,317 @@
+"""Rank 0's scheduler: continuous batching over the tensor-parallel model.
+
+Requests wait in a bounded queue, join the running batch at the next step
+(long prompts are fed in chunks so that decoding of others continues), and
+leave it when finished or cancelled; their cache slot is freed in the next
+step. Each step is one STEP message to every worker and one forward pass on
+every rank. When a rank is lost, every in-flight request ends at once with
+ClusterUnavailable, new requests are refused, and the scheduler waits for the
+cluster to re-form, then starts a new epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tpnet import wire
+from tpnet.collective import StepAborted
+from tpnet.engine.sampling import Sampler, top_alternatives
+from tpnet.engine.step import StepRunner
+from tpnet.engine.types import (
+    ClusterUnavailable,
+    ContextTooLong,
+    EngineError,
+    GenerationRequest,
+    QueueFull,
+    TokenOutput,
+)
+from tpnet.net import Mesh, PeerLost
+
+logger = logging.getLogger("tpnet.engine")
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    # Sequences decoded together in one step: each adds a row to every matmul
+    # and a KV cache; 16 keeps a step's latency reasonable on a small machine.
+    max_running: int = 16
+    # Requests waiting for a place in the batch; beyond it clients get 429.
+    max_queued: int = 64
+    # Prompt tokens fed per step across all sequences, so a long prompt does
+    # not stall the decoding of others for more than one chunk.
+    prefill_chunk: int = 256
+    # Tokens per sequence (prompt + output), at most the model's context.
+    max_context: int = 4096
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    slot: int
+    sampler: Sampler
+    tokens: list[int]
+    prompt_len: int
+    out: asyncio.Queue[TokenOutput | EngineError] = field(default_factory=asyncio.Queue)
+    fed: int = 0  # tokens already in the KV cache
+    generated: int = 0
+    finished: bool = False
+    cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.fed
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: StepRunner,
+        mesh: Mesh | None,
+        limits: EngineLimits,
+        metrics: Any = None,
+    ) -> None:
+        self.runner = runner
+        self.mesh = mesh
+        self.limits = limits
+        self.metrics = metrics
+        self.max_context = limits.max_context
+        self.vocab_size = runner.model.config.vocab_size
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self._free_slots = list(range(limits.max_running + limits.max_queued))
+        self._to_free: list[int] = []
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.epoch = 0
+        self.ready = False  # every rank connected and the epoch started
+        self.steps = 0
+        if mesh is not None:
+            mesh.lost_listeners.append(self._on_rank_lost)
+            mesh.joined_listeners.append(lambda rank: self._work.set())
+
+    # lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.mesh is None:
+            self.ready = True
+        self._task = asyncio.create_task(self._loop(), name="tpnet-scheduler")
+
+    async def close(self, reason: str = "server shutting down") -> None:
+        """Fail every queued and running request with a clear error, stop."""
+        self._closing = True
+        self._fail_all(ClusterUnavailable(reason))
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    # api-facing ---------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        missing = self.mesh.missing if self.mesh is not None else []
+        return {
+            "ok": self.ready and not missing and not self._closing,
+            "world_size": self.runner.collective.world_size,
+            "missing_ranks": missing,
+            "running": len(self.running),
+            "queued": len(self.waiting),
+        }
+
+    def admit(self, prompt_len: int, max_tokens: int | None, count: int = 1) -> None:
+        if self._closing or not self.ready or (self.mesh is not None and self.mesh.missing):
+            missing = self.mesh.missing if self.mesh is not None else []
+            raise ClusterUnavailable(
+                f"cluster not ready: ranks {missing} missing" if missing else "cluster not ready"
+            )
+        if prompt_len + 1 > self.max_context:
+            raise ContextTooLong(
+                f"prompt has {prompt_len} tokens; the context holds {self.max_context} "
+                "including at least one generated token"
+            )
+        if prompt_len == 0:
+            raise ContextTooLong("prompt is empty: at least one token is needed")
+        if len(self.waiting) + count > self.limits.max_queued:
+            raise QueueFull(
+                f"{len(self.waiting)} requests queued, limit {self.limits.max_queued}"
+            )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenOutput]:
+        """Token outputs of one sequence; closing the generator early cancels
+        the sequence and frees its cache within one step."""
+        self.admit(len(request.prompt_ids), request.max_tokens)
+        if not self._free_slots:
+            raise QueueFull("no free sequence slot")
+        seq = Sequence(
+            request=request,
+            slot=self._free_slots.pop(),
+            sampler=Sampler(request.sampling, request.prompt_ids),
+            tokens=list(request.prompt_ids),
+            prompt_len=len(request.prompt_ids),
+        )
+        self.waiting.append(seq)
+        self._work.set()
+        try:
+            while True:
+                item = await seq.out.get()
+                if isinstance(item, EngineError):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.finished:
+                seq.cancelled = True
+                self._work.set()
+
+    # scheduling ---------------------------------------------------------------
+
+    def _on_rank_lost(self, rank: int, reason: str) -> None:
+        self.ready = False
+        self._fail_all(ClusterUnavailable(f"rank {rank} lost: {reason}"))
+        self._work.set()
+
+    def _fail_all(self, error: EngineError) -> None:
+        for seq in list(self.running) + list(self.waiting):
+            if not seq.finished:
+                seq.finished = True
+                seq.out.put_nowait(error)
+            self._release(seq)
+        self.running.clear()
+        self.waiting.clear()
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+            self._to_free.append(seq.slot)
+            seq.slot = -1
+
+    async def _loop(self) -> None:
+        while not self._closing:
+            if self.mesh is not None and (self.mesh.missing or not self.ready):
+                await self._reform()
+                continue
+            self._drop_cancelled()
+            self._admit_waiting()
+            if not self.running:
+                self._work.clear()
+                await self._work.wait()
+                continue
+            try:
+                await self._step()
+            except (PeerLost, StepAborted) as exc:
+                logger.warning("step %d failed: %s", self.steps, exc)
+                self.ready = False
+                self._fail_all(ClusterUnavailable(f"cluster step failed: {exc}"))
+            except Exception:
+                logger.exception("step %d failed; failing its requests", self.steps)
+                self._fail_all(EngineError("internal error during the step"))
+                self.ready = False
+            await asyncio.sleep(0)  # let the HTTP side run between steps
+
+    async def _reform(self) -> None:
+        assert self.mesh is not None
+        self.ready = False
+        await self.mesh.wait_complete()
+        # A fresh random epoch: ranks tell this cluster formation's frames
+        # from any earlier one, also after rank 0 itself restarted.
+        self.epoch = random.randrange(1, 1 << 23)
+        self.runner.begin_epoch(self.epoch)
+        self._to_free.clear()
+        self.ready = True
+        logger.info("cluster of %d ranks ready (epoch %d)", self.mesh.world_size, self.epoch)
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.running if s.cancelled]:
+            self.running.remove(seq)
+            self._release(seq)
+            logger.info("request %s cancelled", seq.request.request_id)
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            self._release(seq)
+
+    def _admit_waiting(self) -> None:
+        while self.waiting and len(self.running) < self.limits.max_running:
+            self.running.append(self.waiting.popleft())
+
+    def _plan(self) -> tuple[dict[str, Any], np.ndarray, list[tuple[Sequence, int, int]]]:
+        budget = self.limits.prefill_chunk
+        seqs, chunks, members = [], [], []
+        for seq in self.running:
+            if seq.pending == 1:
+                n = 1
+            else:
+                n = min(seq.pending, budget)
+                if n <= 0:
+                    continue
+                budget -= n
+            rows = 1 if seq.fed + n == len(seq.tokens) else 0
+            seqs.append([seq.slot, n, rows])
+            chunks.append(seq.tokens[seq.fed : seq.fed + n])
+            members.append((seq, n, rows))
+        body = {"epoch": self.epoch, "seqs": seqs, "free": self._to_free}
+        self._to_free = []
+        tokens = np.array([t for c in chunks for t in c], dtype=np.int32)
+        return body, tokens, members
+
+    async def _step(self) -> None:
+        body, tokens, members = self._plan()
+        if self.mesh is not None:
+            frame = wire.encode_json(wire.Kind.STEP, body, payload=tokens)
+            for rank in range(1, self.mesh.world_size):
+                self.mesh.send(rank, frame)
+        logits = await self.runner.run(body, tokens)
+        self.steps += 1
+        row = 0
+        now = time.monotonic()
+        for seq, n, rows in members:
+            seq.fed += n
+            if rows:
+                self._emit(seq, logits[row], now)
+                row += rows
+
+    def _emit(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
+        if seq.finished or seq.cancelled:
+            return
+        params = seq.request.sampling
+        token, logprobs = seq.sampler.choose(logits)
+        seq.sampler.accept(token)
+        seq.tokens.append(token)
+        seq.generated += 1
+        finish = None
+        if token in seq.request.stop_token_ids:
+            finish = "stop"
+        elif seq.request.max_tokens is not None and seq.generated >= seq.request.max_tokens:
+            finish = "length"
+        elif len(seq.tokens) >= self.max_context:
+            finish = "length"
+        output = TokenOutput(
+            token_id=token,
+            logprob=float(logprobs[token]) if params.logprobs else None,
+            top_logprobs=top_alternatives(logprobs, params.top_logprobs)
+            if params.logprobs
+            else None,
+            finish_reason=finish,
+        )
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        seq.last_token_at = now
+        seq.out.put_nowait(output)
+        if finish is not None:
+            seq.finished = True
+            self.running.remove(seq)
+            self._release(seq)

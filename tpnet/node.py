@@ -1,0 +1,277 @@
+"""One rank of a tpnet cluster: the same program on every machine.
+
+Start-up order: load and shard the model (a broken model fails here, before
+this rank waits on anyone), then join the mesh; rank 0 also starts the
+scheduler and the HTTP front end. Workers run the steps rank 0 sends.
+
+Shutdown order (SIGTERM or SIGINT): stop accepting HTTP requests, fail the
+in-flight ones with a clear error, close the links to the peers, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from tpnet import wire
+from tpnet.collective import Collective, StepAborted
+from tpnet.engine.engine import Engine, EngineLimits
+from tpnet.engine.step import BadStep, StepRunner, validate_step
+from tpnet.model.llama import ShardedModel
+from tpnet.model.loader import ModelError, ModelSpec, load_model
+from tpnet.model.shard import mlp_unit_for, plan_shard
+from tpnet.net import Address, Mesh, PeerLost
+
+logger = logging.getLogger("tpnet.node")
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class NodeConfig:
+    rank: int
+    addresses: list[Address]
+    secret: bytes
+    model: str | None = None
+    listen_host: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8100
+    api_key: str | None = None
+    dtype: str = "float32"
+    dequantize: bool = False
+    rank_weights: list[float] | None = None
+    limits: EngineLimits = field(default_factory=EngineLimits)
+    heartbeat_s: float = 0.5
+    peer_timeout_s: float = 3.0
+    model_id: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return len(self.addresses)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the setting."""
+
+
+def check_config(cfg: NodeConfig) -> None:
+    if not 0 <= cfg.rank < cfg.world_size:
+        raise ConfigError(
+            f"--rank {cfg.rank} is outside the {cfg.world_size} peers given"
+        )
+    if len(set(cfg.addresses)) != len(cfg.addresses):
+        raise ConfigError("two ranks share one HOST:PORT in --peers")
+    if len(cfg.secret) < 16:
+        raise ConfigError("the cluster secret must be at least 16 bytes")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+
+
+def build_model(
+    spec: ModelSpec, cfg: NodeConfig, collective_all_sum
+) -> ShardedModel:
+    plan = plan_shard(
+        spec.config,
+        cfg.rank,
+        cfg.world_size,
+        cfg.rank_weights,
+        mlp_unit=mlp_unit_for(spec),
+    )
+    logger.info(
+        "rank %d shard: query heads %s, KV heads %s, MLP %s, vocab %s",
+        cfg.rank,
+        plan.q_heads,
+        plan.kv_heads,
+        plan.mlp,
+        plan.vocab,
+    )
+    return ShardedModel(
+        spec, plan, collective_all_sum, DTYPES[cfg.dtype], cfg.dequantize
+    )
+
+
+async def _worker_loop(mesh: Mesh, runner: StepRunner, vocab: int) -> None:
+    while True:
+        rank, msg = await mesh.inbox.get()
+        if msg.kind == wire.Kind.CONTROL:
+            continue
+        if msg.kind != wire.Kind.STEP or rank != 0:
+            logger.warning("ignoring message kind %d from rank %d", msg.kind, rank)
+            continue
+        tokens = (
+            np.frombuffer(msg.payload, dtype=np.int32)
+            if msg.payload is not None
+            else np.zeros(0, np.int32)
+        )
+        try:
+            validate_step(msg.meta, tokens, vocab)
+            await runner.run(msg.meta, tokens)
+        except BadStep as exc:
+            logger.error("bad step from rank 0: %s; closing the link", exc)
+            link = mesh.links.get(0)
+            if link is not None:
+                link.close(f"bad step: {exc}")
+        except (PeerLost, StepAborted) as exc:
+            logger.warning("step aborted: %s", exc)
+
+
+async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
+    check_config(cfg)
+    started = time.monotonic()
+    try:
+        spec = load_model(cfg.model)
+    except ModelError as exc:
+        logger.error("cannot load the model: %s", exc)
+        return 2
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+    mesh = Mesh(
+        cfg.rank,
+        cfg.addresses,
+        cfg.secret,
+        spec.fingerprint,
+        cfg.listen_host,
+        cfg.heartbeat_s,
+        cfg.peer_timeout_s,
+    )
+    collective = Collective(mesh)
+    try:
+        model = build_model(spec, cfg, collective.all_sum)
+    except ModelError as exc:
+        logger.error("cannot shard the model: %s", exc)
+        return 2
+    resident = sum(a.nbytes for a in model.resident_arrays())
+    logger.info(
+        "rank %d loaded %s (%s) in %.1f s: %.1f MB of weights resident",
+        cfg.rank,
+        spec.name,
+        spec.source_format,
+        time.monotonic() - started,
+        resident / 1e6,
+    )
+    runner = StepRunner(model, collective)
+    if cfg.world_size > 1:
+        try:
+            await mesh.start()
+        except OSError as exc:
+            logger.error("cannot listen on %s: %s", cfg.addresses[cfg.rank], exc)
+            return 2
+
+    http_runner = None
+    engine = None
+    worker = None
+    try:
+        if cfg.rank == 0:
+            from aiohttp import web
+
+            from tpnet.api.app import create_app
+            from tpnet.metrics import Metrics
+
+            metrics = Metrics(mesh if cfg.world_size > 1 else None, collective)
+            engine = Engine(
+                runner, mesh if cfg.world_size > 1 else None, cfg.limits, metrics
+            )
+            metrics.engine = engine
+            engine.start()
+            app = create_app(
+                engine,
+                spec.tokenizer,
+                cfg.model_id or spec.name,
+                api_key=cfg.api_key,
+                metrics=metrics,
+            )
+            http_runner = web.AppRunner(app, handle_signals=False, access_log=None)
+            await http_runner.setup()
+            site = web.TCPSite(http_runner, cfg.http_host, cfg.http_port)
+            try:
+                await site.start()
+            except OSError as exc:
+                logger.error(
+                    "cannot serve HTTP on %s:%d: %s", cfg.http_host, cfg.http_port, exc
+                )
+                return 2
+            logger.info(
+                "serving the OpenAI API on http://%s:%d/v1", cfg.http_host, cfg.http_port
+            )
+        else:
+            worker = asyncio.create_task(
+                _worker_loop(mesh, runner, spec.config.vocab_size)
+            )
+        await stop.wait()
+        logger.info("rank %d shutting down", cfg.rank)
+    finally:
+        # 1. stop accepting requests; 2. fail in-flight ones; 3. close peers.
+        if http_runner is not None:
+            await http_runner.shutdown()
+        if engine is not None:
+            await engine.close("server shutting down")
+        if http_runner is not None:
+            await http_runner.cleanup()
+        if worker is not None:
+            worker.cancel()
+            try:
+                await worker
+            except asyncio.CancelledError:
+                pass
+        if cfg.world_size > 1:
+            await mesh.close()
+    return 0
+
+
+def read_secret(path: str | None) -> bytes:
+    """The cluster secret: $TPNET_SECRET, or a key file only its owner may read."""
+    env = os.environ.get("TPNET_SECRET")
+    if env:
+        return env.encode()
+    if not path:
+        raise ConfigError(
+            "no cluster secret: set TPNET_SECRET or pass --secret-file "
+            "(`tpnet serve` creates one)"
+        )
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret file {path}: {exc}") from None
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"secret file {path} is readable by others (mode {st.st_mode & 0o777:o}); "
+            "run chmod 600 on it"
+        )
+    with open(path, "rb") as f:
+        return f.read().strip()
+
+
+def create_secret(path: str) -> None:
+    """Write a fresh random secret, readable only by its owner, if missing."""
+    if os.path.exists(path):
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(os.urandom(32).hex())
+
+
+def setup_logging(rank: int | None, level: str = "INFO", log_file: str | None = None) -> None:
+    prefix = f"rank {rank} " if rank is not None else ""
+    fmt = f"%(asctime)s {prefix}%(name)s %(levelname)s %(message)s"
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        from logging.handlers import RotatingFileHandler
+
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        handlers.append(RotatingFileHandler(log_file, maxBytes=10_000_000, backupCount=3))
+    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
