@@ -447,6 +447,15 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+def _where(exc: BaseException) -> str:
+    """The innermost line of tpnet code the exception passed through."""
+    where = "?"
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if "/tpnet/" in frame.filename.replace("\\", "/"):
+            where = f"{Path(frame.filename).name}:{frame.lineno}"
+    return where
+
+
 def fuzz(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     master = random.Random(args.seed)
@@ -474,11 +483,13 @@ def fuzz(args: argparse.Namespace) -> int:
         cases += 1
         counts[target] += 1
         if exc is not None:
-            key = (target, _describe(exc)[:120])
+            # One finding per exception type and place in tpnet.
+            key = (type(exc).__name__, _where(exc))
             if key not in findings:
                 findings[key] = _save(out_dir, len(findings), target, data, pieces, exc)
                 findings[key].update(case=cases, case_seed=case_seed)
             findings[key]["count"] += 1
+            findings[key]["targets"][target] = findings[key]["targets"].get(target, 0) + 1
         if cases % RSS_SAMPLE_EVERY == 0:
             peak_rss = max(peak_rss, _rss_bytes())
     elapsed = time.monotonic() - started
@@ -497,7 +508,8 @@ def fuzz(args: argparse.Namespace) -> int:
     )
     for finding in findings.values():
         print(
-            f"FOUND in {finding['target']} x{finding['count']}: {finding['error']}\n"
+            f"FOUND x{finding['count']} at {finding['where']}: {finding['error']}\n"
+            f"  in {', '.join(finding['targets'])}\n"
             f"  input {finding['input']}; replay with: python {sys.argv[0]} "
             f"--replay {finding['replay']} (seed {args.seed}, case {finding['case']})"
         )
@@ -541,6 +553,8 @@ def _save(
         "input": str(stem.with_suffix(".bin")),
         "replay": str(stem.with_suffix(".json")),
         "error": _describe(exc),
+        "where": _where(exc),
+        "targets": {},
         "traceback": "".join(traceback.format_exception(exc)),
         "count": 0,
     }

@@ -151,9 +151,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         time.sleep(0.2)
         for rank, child in list(children.items()):
             code = child.poll()
-            if code is None:
+            if code is None or stopping:
                 continue
-            if code == 2 or not args.restart:
+            # 0: the rank was stopped on purpose; 2: its configuration or
+            # model cannot work, so restarting would fail the same way.
+            if code in (0, 2) or not args.restart:
                 print(f"tpnet: rank {rank} exited with status {code}; stopping", file=sys.stderr)
                 stopping, status = True, code or 1
                 break

@@ -165,12 +165,14 @@ class _ClientGone(Exception):
 
 @dataclass
 class _Piece:
-    """New text of one choice, the tokens it came from, and how many tokens
-    the engine generated for it (end-of-turn included)."""
+    """New text of one choice, the tokens it came from (only when logprobs
+    are wanted) with the offset in the choice's text where each one's text
+    starts, and how many tokens the engine generated (end-of-turn included)."""
 
     index: int
     text: str
     tokens: list[TokenOutput]
+    offsets: list[int]
     generated: int
     finish_reason: str | None
 
@@ -189,6 +191,7 @@ class _TextPipe:
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stops = StopMatcher(stops) if stops else None
         self.stopped = False
+        self.released = 0  # characters the detokenizer has released so far
 
     def push(self, token_id: int) -> str:
         return self._filter(self._detokenizer.push(token_id))
@@ -203,6 +206,7 @@ class _TextPipe:
         return text
 
     def _filter(self, text: str) -> str:
+        self.released += len(text)
         if self._stops is None or not text:
             return text
         safe, self.stopped = self._stops.push(text)
@@ -261,6 +265,7 @@ class _Run:
         pipe = _TextPipe(self._api.tokenizer, self._stops)
         outputs: AsyncIterator[TokenOutput] | None = None
         pending: list[TokenOutput] = []
+        offsets: list[int] = []
         generated = 0
         last_token_at: float | None = None
         try:
@@ -271,20 +276,24 @@ class _Run:
 
                 # The end-of-turn token is generated but is not text.
                 end_of_turn = output.finish_reason == "stop"
+                offset = pipe.released
                 text = "" if end_of_turn else pipe.push(output.token_id)
                 if self._want_logprobs and not end_of_turn:
                     pending.append(output)
+                    offsets.append(offset)
                 finish_reason = output.finish_reason
                 if pipe.stopped or finish_reason is not None:
                     text += pipe.finish()
                     finish_reason = "stop" if pipe.stopped else finish_reason
                     await self._queue.put(
-                        _Piece(index, text, pending, generated, finish_reason)
+                        _Piece(index, text, pending, offsets, generated, finish_reason)
                     )
                     return
                 if text:
-                    await self._queue.put(_Piece(index, text, pending, generated, None))
-                    pending, generated = [], 0
+                    await self._queue.put(
+                        _Piece(index, text, pending, offsets, generated, None)
+                    )
+                    pending, offsets, generated = [], [], 0
             raise EngineError(
                 f"the engine ended sequence {sequence.request_id} without a "
                 f"finish reason"
@@ -331,6 +340,7 @@ class _Choice:
 
     text: list[str] = field(default_factory=list)
     tokens: list[TokenOutput] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
 
@@ -409,7 +419,9 @@ class _ChatFormat(_Format):
 class _CompletionFormat(_Format):
     """Legacy completions. With `echo`, a choice's text starts with its
     prompt; logprobs cover generated tokens only (the engine reports none for
-    the prompt), their `text_offset` counting from the start of the text."""
+    the prompt). A token's `text_offset` is where its text starts in the
+    choice's text: a token ending inside a character shares the offset of the
+    token that completes it."""
 
     id_prefix = "cmpl-"
     object_name = "text_completion"
@@ -420,7 +432,6 @@ class _CompletionFormat(_Format):
     ) -> None:
         super().__init__(tokenizer, want_logprobs)
         self._echo_texts = echo_texts
-        self._offsets = {index: len(text) for index, text in echo_texts.items()}
 
     def stream_opening(self, index: int) -> dict[str, Any] | None:
         echo = self._echo_texts.get(index, "")
@@ -432,7 +443,7 @@ class _CompletionFormat(_Format):
         return {
             "index": piece.index,
             "text": piece.text,
-            "logprobs": self._logprobs(piece.index, piece.tokens),
+            "logprobs": self._logprobs(piece.index, piece.tokens, piece.offsets),
             "finish_reason": piece.finish_reason,
         }
 
@@ -440,20 +451,18 @@ class _CompletionFormat(_Format):
         return {
             "index": index,
             "text": self._echo_texts.get(index, "") + "".join(choice.text),
-            "logprobs": self._logprobs(index, choice.tokens),
+            "logprobs": self._logprobs(index, choice.tokens, choice.offsets),
             "finish_reason": choice.finish_reason,
         }
 
-    def _logprobs(self, index: int, tokens: list[TokenOutput]) -> dict[str, Any] | None:
+    def _logprobs(
+        self, index: int, tokens: list[TokenOutput], offsets: list[int]
+    ) -> dict[str, Any] | None:
         if not self.want_logprobs:
             return None
-        texts = [self._token_text(token.token_id) for token in tokens]
-        offsets = []
-        for text in texts:
-            offsets.append(self._offsets.get(index, 0))
-            self._offsets[index] = offsets[-1] + len(text)
+        echo_length = len(self._echo_texts.get(index, ""))
         return {
-            "tokens": texts,
+            "tokens": [self._token_text(token.token_id) for token in tokens],
             "token_logprobs": [token.logprob for token in tokens],
             "top_logprobs": [
                 {
@@ -462,7 +471,7 @@ class _CompletionFormat(_Format):
                 }
                 for token in tokens
             ],
-            "text_offset": offsets,
+            "text_offset": [echo_length + offset for offset in offsets],
         }
 
 
@@ -782,6 +791,7 @@ class _Api:
             choice = choices[event.index]
             choice.text.append(event.text)
             choice.tokens.extend(event.tokens)
+            choice.offsets.extend(event.offsets)
             record.completion_tokens += event.generated
             if event.finish_reason is not None:
                 choice.finish_reason = event.finish_reason
