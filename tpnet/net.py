@@ -105,8 +105,10 @@ class Link(asyncio.BufferedProtocol):
         self.last_rx = time.monotonic()
         try:
             messages = self.reader.buffer_filled(nbytes)
-            for msg in messages:
-                self._dispatch(msg)
+            while messages:
+                for msg in messages:
+                    self._dispatch(msg)
+                messages = self.reader.resume() if self.reader.mid_frame else []
         except wire.ProtocolError as exc:
             logger.warning(
                 "closing connection from %s (rank %s): %s [%s]",

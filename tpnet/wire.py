@@ -127,7 +127,8 @@ class Message:
     def array(self) -> np.ndarray:
         """View a TENSOR payload as a numpy array without copying (bfloat16
         arrives as uint16 words)."""
-        assert self.payload is not None
+        if self.payload is None:
+            return np.empty(self.shape, dtype=_NUMPY_DTYPE[self.dtype])
         flat = np.frombuffer(self.payload, dtype=_NUMPY_DTYPE[self.dtype])
         return flat.reshape(self.shape)
 
@@ -153,17 +154,17 @@ def encode_frame(
     payload, any object exposing the buffer protocol, is not copied."""
     if len(meta) > MAX_META_BYTES:
         raise ValueError(f"meta is {len(meta)} bytes, limit {MAX_META_BYTES}")
-    if payload is None:
+    view = None if payload is None else memoryview(payload)
+    if view is None or view.nbytes == 0:
+        # No payload, no padding: the frame ends after its meta (spec 2).
         return [HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, 0, len(meta), 0, 0, tag) + meta]
-    view = memoryview(payload).cast("B")
+    view = view.cast("B")
     if view.nbytes > MAX_PAYLOAD_BYTES:
         raise ValueError(f"payload is {view.nbytes} bytes, limit {MAX_PAYLOAD_BYTES}")
     pad = _payload_offset(len(meta)) - HEADER_SIZE - len(meta)
     head = HEADER.pack(
         MAGIC, PROTOCOL_VERSION, kind, 0, len(meta), 0, view.nbytes, tag
     )
-    if view.nbytes == 0:
-        return [head + meta + bytes(pad)]
     return [head + meta + bytes(pad), view]
 
 
@@ -223,8 +224,10 @@ def _parse_tensor_meta(meta: bytes, payload_len: int) -> tuple[str, tuple[int, .
 def _parse_json_meta(kind: int, meta: bytes) -> dict[str, Any]:
     try:
         body = json.loads(meta.decode("utf-8")) if meta else {}
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError("bad_meta", f"kind {kind} meta is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(
+            "bad_meta", f"kind {kind} meta is not JSON: {type(exc).__name__}"
+        ) from None
     if not isinstance(body, dict):
         raise ProtocolError(
             "bad_meta", f"kind {kind} meta must be a JSON object, got {type(body).__name__}"
@@ -305,8 +308,20 @@ class FrameReader:
         self._staging[:remaining] = self._staging[self._start : self._end]
         self._start, self._end = 0, remaining
 
+    def resume(self) -> list[Message]:
+        """Decode frames already received but held back: before
+        authentication the reader stops after each message, so that the owner
+        can mark the connection authenticated before the frames that follow
+        WELCOME in the same read are checked (spec 4.5)."""
+        out: list[Message] = []
+        if self._direct is None:
+            self._parse_staging(out)
+        return out
+
     def _parse_staging(self, out: list[Message]) -> None:
         while self._end - self._start >= HEADER_SIZE:
+            if out and not self.authenticated:
+                return
             magic, version, kind, flags, meta_len, reserved, payload_len, tag = (
                 HEADER.unpack_from(self._staging, self._start)
             )
@@ -455,6 +470,11 @@ def _proof(secret: bytes, role: bytes, transcript: bytes) -> str:
     return hmac.new(secret, b"tpnet proof " + role + b"\n" + transcript, hashlib.sha256).hexdigest()
 
 
+def _same_proof(received: str, expected: str) -> bool:
+    # Compared as bytes: compare_digest refuses non-ASCII str.
+    return hmac.compare_digest(received.encode("utf-8", "replace"), expected.encode())
+
+
 def _field(body: dict[str, Any], name: str, kind: type, who: str) -> Any:
     value = body.get(name)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
@@ -559,20 +579,26 @@ class Handshake:
 
     def _on_hello(self, body: dict[str, Any]) -> bytes:
         versions = body.get("versions")
-        if not isinstance(versions, list) or PROTOCOL_VERSION not in versions:
+        common = [
+            v
+            for v in (versions if isinstance(versions, list) else [])
+            if type(v) is int and v in SUPPORTED_VERSIONS
+        ]
+        if not common:
             raise HandshakeRefused(
                 "unsupported_version",
                 f"peer speaks protocol versions {versions!r}, "
                 f"this rank {list(SUPPORTED_VERSIONS)}",
             )
+        version = max(common)
         nonce_i = _nonce(body, "peer")
         remote = _peer_info(body, "peer")
         _check_compatible(self.local, remote, f"rank {remote.rank}")
         self.remote = remote
-        self._transcript = _transcript(PROTOCOL_VERSION, nonce_i, self._nonce, remote, self.local)
+        self._transcript = _transcript(version, nonce_i, self._nonce, remote, self.local)
         self._state = "await_proof"
         reply = {
-            "version": PROTOCOL_VERSION,
+            "version": version,
             "nonce": self._nonce.hex(),
             "proof": _proof(self.secret, b"responder", self._transcript),
         }
@@ -581,9 +607,11 @@ class Handshake:
 
     def _on_challenge(self, body: dict[str, Any]) -> bytes:
         version = body.get("version")
-        if version not in SUPPORTED_VERSIONS:
+        if type(version) is not int or version not in SUPPORTED_VERSIONS:
             raise HandshakeRefused(
-                "unsupported_version", f"peer chose protocol version {version!r}"
+                "unsupported_version",
+                f"peer chose protocol version {version!r}; "
+                f"this rank speaks {list(SUPPORTED_VERSIONS)}",
             )
         nonce_r = _nonce(body, "peer")
         remote = _peer_info(body, "peer")
@@ -594,7 +622,7 @@ class Handshake:
         _check_compatible(self.local, remote, f"rank {remote.rank}")
         self._transcript = _transcript(version, self._nonce, nonce_r, self.local, remote)
         proof = _field(body, "proof", str, "peer")
-        if not hmac.compare_digest(proof, _proof(self.secret, b"responder", self._transcript)):
+        if not _same_proof(proof, _proof(self.secret, b"responder", self._transcript)):
             raise HandshakeRefused(
                 "auth_failed", f"rank {remote.rank} failed authentication (wrong secret)"
             )
@@ -605,7 +633,7 @@ class Handshake:
 
     def _on_proof(self, body: dict[str, Any]) -> bytes:
         proof = _field(body, "proof", str, "peer")
-        if not hmac.compare_digest(proof, _proof(self.secret, b"initiator", self._transcript)):
+        if not _same_proof(proof, _proof(self.secret, b"initiator", self._transcript)):
             raise HandshakeRefused("auth_failed", "peer failed authentication (wrong secret)")
         self._state = "done"
         self.done = True
