@@ -1052,10 +1052,6 @@ def test_a_local_refusal_reaches_the_peer_as_the_same_code() -> None:
 
 # -- the fuzzer ------------------------------------------------------------------------
 
-# Findings the fuzzer is expected to make until the bugs above are fixed.
-KNOWN_FUZZ_FINDINGS = ("RecursionError", "TypeError: comparing strings with non-ASCII")
-
-
 def test_the_fuzzer_runs_for_two_seconds_and_finds_nothing(tmp_path: Path) -> None:
     script = REPO / "benchmarks" / "fuzz_wire.py"
     report = tmp_path / "report.json"
