@@ -227,7 +227,7 @@ class _Run:
     ) -> None:
         self._api = api
         self._request = request
-        self._record = request[_RECORD]
+        self.record = request[_RECORD]
         self._stops = stops
         self._want_logprobs = want_logprobs
         self._queue: asyncio.Queue[_Piece | _Failure] = asyncio.Queue(
@@ -304,7 +304,7 @@ class _Run:
             logger.exception(
                 "sequence %s of request %s failed",
                 sequence.request_id,
-                self._record.request_id,
+                self.record.request_id,
             )
             await self._queue.put(_Failure(index, error))
         finally:
@@ -319,11 +319,24 @@ class _Run:
         metrics = self._api.metrics
         if metrics is not None:
             if not self._first_token_seen:
-                metrics.first_token(now - self._record.started)
+                metrics.first_token(now - self.record.started)
             elif last_token_at is not None:
                 metrics.inter_token(now - last_token_at)
         self._first_token_seen = True
         return now
+
+
+def _client_closed(record: _RequestRecord) -> web.Response:
+    """Record that the client went away; the response is never delivered."""
+    record.outcome = "client_disconnected"
+    record.status = CLIENT_CLOSED_STATUS
+    return web.Response(status=CLIENT_CLOSED_STATUS, reason="Client Closed")
+
+
+def _status_and_code(error: Exception) -> tuple[int, str]:
+    if isinstance(error, EngineError):
+        return error.status, error.code
+    return 500, "internal_error"
 
 
 def _client_gone(request: web.BaseRequest) -> bool:
@@ -591,9 +604,7 @@ class _Api:
                 raise
             return self._http_error(request, error)
         except ConnectionResetError:
-            request[_RECORD].outcome = "client_disconnected"
-            request[_RECORD].status = CLIENT_CLOSED_STATUS
-            return web.Response(status=CLIENT_CLOSED_STATUS, reason="Client Closed")
+            return _client_closed(request[_RECORD])
         except Exception:
             record = request[_RECORD]
             logger.exception(
@@ -773,9 +784,7 @@ class _Api:
                 return await self._stream(request, options, run, fmt, count)
             return await self._whole(request, run, fmt, count)
         except (_ClientGone, ConnectionResetError):
-            record.outcome = "client_disconnected"
-            record.status = CLIENT_CLOSED_STATUS
-            return web.Response(status=CLIENT_CLOSED_STATUS, reason="Client Closed")
+            return _client_closed(record)
         finally:
             await run.close()
 
@@ -819,7 +828,7 @@ class _Api:
         if isinstance(event, _Failure):
             return self._failure(request, event)
 
-        # 2. Open the stream and each choice.
+        # 2. Open the stream and relay events until the end.
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -829,6 +838,23 @@ class _Api:
             }
         )
         await response.prepare(request)
+        try:
+            await self._relay(response, options, run, fmt, count, event)
+        except (_ClientGone, ConnectionResetError):
+            _client_closed(record)  # nothing more can be sent
+        return response
+
+    async def _relay(
+        self,
+        response: web.StreamResponse,
+        options: ChatRequest | CompletionRequest,
+        run: _Run,
+        fmt: _Format,
+        count: int,
+        event: _Piece | _Failure,
+    ) -> None:
+        """Write the events of an open stream, starting with `event`."""
+        record = run.record
         envelope = self._envelope(record, fmt.chunk_object_name)
 
         def chunk(choices: list[dict[str, Any]], usage: Any = None) -> bytes:
@@ -837,24 +863,21 @@ class _Api:
                 data["usage"] = usage
             return _sse(data)
 
+        # 1. Open each choice (chat: the assistant role; completions: echo).
         for index in range(count):
             opening = fmt.stream_opening(index)
             if opening is not None:
                 await response.write(chunk([opening]))
 
-        # 3. Relay events until every choice has finished or one failed.
+        # 2. Relay events until every choice has finished or one failed.
         finish_reasons: list[str | None] = []
         while True:
             if isinstance(event, _Failure):
-                error = event.error
-                status = error.status if isinstance(error, EngineError) else 500
-                code = (
-                    error.code if isinstance(error, EngineError) else "internal_error"
-                )
+                status, code = _status_and_code(event.error)
                 record.outcome, record.status = code, status
-                message = self._failure_message(record, error)
+                message = self._failure_message(record, event.error)
                 await response.write(_sse(_error_body(status, message, None, code)))
-                return response
+                return
             record.completion_tokens += event.generated
             await response.write(chunk([fmt.stream_choice(event)]))
             if event.finish_reason is not None:
@@ -864,12 +887,11 @@ class _Api:
                     break
             event = await run.next_event()
 
-        # 4. Usage, if asked for, then the end marker.
+        # 3. Usage, if asked for, then the end marker.
         record.outcome = _finish_outcome(finish_reasons)
         if options.include_usage:
             await response.write(chunk([], self._usage(record)))
         await response.write(b"data: [DONE]\n\n")
-        return response
 
     # Pieces of responses.
 
@@ -1006,7 +1028,10 @@ class _Api:
     ) -> None:
         seconds = time.monotonic() - record.started
         outcome = record.outcome or str(status)
-        level = logging.INFO if request.path.startswith("/v1") else logging.DEBUG
+        # Health checks arrive every few seconds from load balancers: they
+        # are logged quietly and not counted as requests.
+        is_health_check = record.endpoint == "/health"
+        level = logging.DEBUG if is_health_check else logging.INFO
         logger.log(
             level,
             "%s %s %s prompt_tokens=%d completion_tokens=%d seconds=%.3f "
@@ -1020,7 +1045,7 @@ class _Api:
             status,
             outcome,
         )
-        if self.metrics is not None:
+        if self.metrics is not None and not is_health_check:
             try:
                 self.metrics.request_finished(
                     record.endpoint,

@@ -390,7 +390,7 @@ def _message(item: Any, index: int) -> ChatMessage:
             f"{path}.role",
             "unsupported_value",
         )
-    if role not in CHAT_ROLES:
+    if not isinstance(role, str) or role not in CHAT_ROLES:
         raise RequestError(
             f"{path}.role must be one of {', '.join(CHAT_ROLES)}, "
             f"got {_describe(role)}",
@@ -650,7 +650,7 @@ def _describe(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return f"a list of {len(value)} items"
+        return f"a list of {len(value)} item{'' if len(value) == 1 else 's'}"
     if isinstance(value, dict):
         return "an object"
     return type(value).__name__
