@@ -47,6 +47,7 @@ class Cluster:
         self.peer_ports = ports[:-1]
         self.peers = ",".join(f"127.0.0.1:{p}" for p in self.peer_ports)
         self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.extra = extra or []
         self.secrets = [secret] * world_size

@@ -48,8 +48,12 @@ def mlx_lm_model(spec: ModelSpec) -> nn.Module:
     return model
 
 
-def greedy(model: nn.Module, prompt: list[int], count: int) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy tokens and the log-probabilities of every step."""
+def greedy(
+    model: nn.Module, prompt: list[int], count: int, banned: list[int] | None = None
+) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and the log-probabilities of every step; `banned` ids
+    get a bias of -100 (as logit_bias does in the API), so random-weight
+    models never stop early."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
@@ -57,10 +61,12 @@ def greedy(model: nn.Module, prompt: list[int], count: int) -> tuple[list[int], 
     logprobs: list[np.ndarray] = []
     x = mx.array([prompt])
     for _ in range(count):
-        logits = model(x, cache=cache)[0, -1].astype(mx.float32)
-        lp = logits - mx.logsumexp(logits)
-        nxt = int(mx.argmax(lp).item())
+        logits = np.array(model(x, cache=cache)[0, -1].astype(mx.float32))
+        if banned:
+            logits[banned] -= 100.0
+        lp = logits - np.logaddexp.reduce(logits)
+        nxt = int(np.argmax(lp))
         tokens.append(nxt)
-        logprobs.append(np.array(lp))
+        logprobs.append(lp)
         x = mx.array([[nxt]])
     return tokens, logprobs

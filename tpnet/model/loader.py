@@ -109,7 +109,23 @@ def _fingerprint(config: ModelConfig, tensors: dict[str, mx.array], files: list[
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
     for f in files:
         digest.update(f"{os.path.basename(f)}:{os.path.getsize(f)};".encode())
+        digest.update(_sample_bytes(f))
     return digest.hexdigest()
+
+
+# Bytes read from each end of every weight file for the fingerprint: enough
+# to tell two checkpoints of one architecture apart (different weights give
+# different bytes) without reading gigabytes at every start.
+FINGERPRINT_SAMPLE_BYTES = 1 << 20
+
+
+def _sample_bytes(path: str) -> bytes:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(FINGERPRINT_SAMPLE_BYTES)
+        f.seek(max(0, size - FINGERPRINT_SAMPLE_BYTES))
+        tail = f.read(FINGERPRINT_SAMPLE_BYTES)
+    return hashlib.sha256(head + tail).digest()
 
 
 def _infer_quantization(
@@ -265,6 +281,11 @@ def _load_gguf(path: str) -> ModelSpec:
     except Exception as exc:  # mx.load raises bare RuntimeError/ValueError
         raise ModelError(f"cannot read GGUF file {path}: {exc}") from None
     arch = _meta_value(meta, "general.architecture")
+    if arch is None or not raw:
+        raise ModelError(
+            f"{path}: no general.architecture or no tensors; the file is not a "
+            "GGUF model or is damaged"
+        )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelError(
             f"{path}: GGUF architecture {arch!r} is not supported; "
