@@ -79,6 +79,7 @@ class Link(asyncio.BufferedProtocol):
         self.rank: int | None = None
         self.last_rx = time.monotonic()
         self.closed = False
+        self.reported = False  # a log line already says why this link ended
         self.authenticated = asyncio.get_running_loop().create_future()
         self.bytes_sent = 0
         self._write_ok = asyncio.Event()
@@ -118,6 +119,7 @@ class Link(asyncio.BufferedProtocol):
                 exc.code,
             )
             self._send_raw(wire.join(wire.encode_error(exc.code, str(exc))))
+            self.reported = True
             self.close(f"protocol error: {exc}")
         except wire.HandshakeRefused as exc:
             self._refused(exc)
@@ -169,6 +171,7 @@ class Link(asyncio.BufferedProtocol):
             "handshake with %s %s: %s [%s]", self.peer_addr, side, exc, exc.code
         )
         self.mesh.note_refusal(self.peer_addr, exc)
+        self.reported = True
         if not self.authenticated.done():
             self.authenticated.set_exception(exc)
             self.authenticated.exception()  # nobody may be waiting: mark seen
@@ -194,6 +197,10 @@ class Link(asyncio.BufferedProtocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort() if "protocol" in reason else self.transport.close()
+        if not self.handshake.done and not self.reported and not self.handshake.initiator:
+            logger.warning(
+                "connection from %s ended before authenticating: %s", self.peer_addr, reason
+            )
         if not self.authenticated.done():
             self.authenticated.set_exception(ConnectionError(reason))
             self.authenticated.exception()  # nobody may be waiting: mark seen
@@ -322,6 +329,7 @@ class Mesh:
                 link.peer_addr,
                 MAX_PENDING_HANDSHAKES,
             )
+            link.reported = True
             link.transport.abort()
 
     async def _authenticate(self, link: Link) -> None:
@@ -330,12 +338,7 @@ class Mesh:
                 asyncio.shield(link.authenticated), HANDSHAKE_TIMEOUT_S
             )
         except TimeoutError:
-            logger.warning(
-                "closing connection from %s: no handshake within %.0f s",
-                link.peer_addr,
-                HANDSHAKE_TIMEOUT_S,
-            )
-            link.close("handshake timeout")
+            link.close(f"no handshake within {HANDSHAKE_TIMEOUT_S:.0f} s")
             return
         except (wire.HandshakeRefused, ConnectionError):
             return
