@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -98,10 +99,54 @@ def build_model(
     )
 
 
+# Seconds between the resource reports a worker sends rank 0.
+STATS_INTERVAL_S = 2.0
+
+
+def _on_control(mesh: Mesh, rank: int, body: dict, metrics: Any = None) -> None:
+    kind = body.get("type")
+    if kind == "shutdown":
+        link = mesh.links.get(rank)
+        if link is not None:
+            link.close(f"rank {rank} is shutting down: {body.get('reason', '')}")
+    elif kind == "stats" and metrics is not None and body.get("rank") == rank:
+        metrics.worker_stats[rank] = body
+
+
+async def _report_stats(mesh: Mesh) -> None:
+    from tpnet.metrics import rank_stats
+
+    while True:
+        await asyncio.sleep(STATS_INTERVAL_S)
+        if 0 in mesh.links:
+            try:
+                mesh.send_json(0, wire.Kind.CONTROL, rank_stats(mesh.rank))
+            except PeerLost:
+                pass
+
+
+async def _rank0_inbox(mesh: Mesh, metrics: Any) -> None:
+    while True:
+        rank, msg = await mesh.inbox.get()
+        if msg.kind == wire.Kind.CONTROL:
+            _on_control(mesh, rank, msg.meta, metrics)
+        else:
+            logger.warning("ignoring message kind %d from rank %d", msg.kind, rank)
+
+
+def _say_goodbye(mesh: Mesh, reason: str) -> None:
+    for rank in list(mesh.links):
+        try:
+            mesh.send_json(rank, wire.Kind.CONTROL, {"type": "shutdown", "reason": reason})
+        except PeerLost:
+            pass
+
+
 async def _worker_loop(mesh: Mesh, runner: StepRunner, vocab: int) -> None:
     while True:
         rank, msg = await mesh.inbox.get()
         if msg.kind == wire.Kind.CONTROL:
+            _on_control(mesh, rank, msg.meta)
             continue
         if msg.kind != wire.Kind.STEP or rank != 0:
             logger.warning("ignoring message kind %d from rank %d", msg.kind, rank)
@@ -173,7 +218,7 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
 
     http_runner = None
     engine = None
-    worker = None
+    tasks: list[asyncio.Task[None]] = []
     try:
         if cfg.rank == 0:
             from aiohttp import web
@@ -187,6 +232,8 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
             )
             metrics.engine = engine
             engine.start()
+            if cfg.world_size > 1:
+                tasks.append(asyncio.create_task(_rank0_inbox(mesh, metrics)))
             app = create_app(
                 engine,
                 spec.tokenizer,
@@ -194,6 +241,14 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
                 api_key=cfg.api_key,
                 metrics=metrics,
             )
+
+            async def serve_metrics(request: web.Request) -> web.Response:
+                return web.Response(
+                    body=metrics.render(),
+                    headers={"Content-Type": "text/plain; version=0.0.4"},
+                )
+
+            app.router.add_get("/metrics", serve_metrics)
             http_runner = web.AppRunner(app, handle_signals=False, access_log=None)
             await http_runner.setup()
             site = web.TCPSite(http_runner, cfg.http_host, cfg.http_port)
@@ -208,9 +263,10 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
                 "serving the OpenAI API on http://%s:%d/v1", cfg.http_host, cfg.http_port
             )
         else:
-            worker = asyncio.create_task(
-                _worker_loop(mesh, runner, spec.config.vocab_size)
+            tasks.append(
+                asyncio.create_task(_worker_loop(mesh, runner, spec.config.vocab_size))
             )
+            tasks.append(asyncio.create_task(_report_stats(mesh)))
         await stop.wait()
         logger.info("rank %d shutting down", cfg.rank)
     finally:
@@ -221,13 +277,15 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
             await engine.close("server shutting down")
         if http_runner is not None:
             await http_runner.cleanup()
-        if worker is not None:
-            worker.cancel()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             try:
-                await worker
+                await task
             except asyncio.CancelledError:
                 pass
         if cfg.world_size > 1:
+            _say_goodbye(mesh, "stopped by signal")
             await mesh.close()
     return 0
 
