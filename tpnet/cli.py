@@ -38,6 +38,9 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued", type=int, default=EngineLimits.max_queued)
     p.add_argument("--max-context", type=int, default=EngineLimits.max_context)
     p.add_argument("--prefill-chunk", type=int, default=EngineLimits.prefill_chunk)
+    p.add_argument("--speculative-tokens", type=int, default=EngineLimits.speculative_tokens,
+                   help="draft tokens verified per step at first (adapts; 0 turns speculative decoding off)")
+    p.add_argument("--draft-model", help="small model of the same tokenizer that drafts on rank 0 (default: prompt lookup)")
     p.add_argument("--heartbeat", type=float, default=0.5, help="seconds between pings on an idle link")
     p.add_argument("--peer-timeout", type=float, default=3.0, help="seconds of silence before a rank is declared lost")
     p.add_argument("--log-level", default="INFO")
@@ -48,7 +51,12 @@ def _limits(args: argparse.Namespace) -> EngineLimits:
     for name in ("max_running", "max_queued", "max_context", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    return EngineLimits(args.max_running, args.max_queued, args.prefill_chunk, args.max_context)
+    if not 0 <= args.speculative_tokens <= 8:
+        raise ConfigError("--speculative-tokens must be between 0 and 8")
+    return EngineLimits(
+        args.max_running, args.max_queued, args.prefill_chunk, args.max_context,
+        args.speculative_tokens,
+    )
 
 
 def _weights(text: str | None) -> list[float] | None:
@@ -87,6 +95,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         dequantize=args.dequantize,
         rank_weights=_weights(args.rank_weights),
         limits=_limits(args),
+        draft_model=args.draft_model,
         heartbeat_s=args.heartbeat,
         peer_timeout_s=args.peer_timeout,
     )
@@ -116,7 +125,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                "--dtype", args.dtype, "--log-level", args.log_level,
                "--max-running", str(args.max_running), "--max-queued", str(args.max_queued),
                "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk),
-               "--heartbeat", str(args.heartbeat), "--peer-timeout", str(args.peer_timeout)]
+               "--heartbeat", str(args.heartbeat), "--peer-timeout", str(args.peer_timeout),
+               "--speculative-tokens", str(args.speculative_tokens)]
+        if args.draft_model:
+            cmd += ["--draft-model", args.draft_model]
         if args.model:
             cmd += ["--model", args.model]
         if args.http_host:

@@ -53,6 +53,7 @@ class NodeConfig:
     heartbeat_s: float = 0.5
     peer_timeout_s: float = 3.0
     model_id: str | None = None
+    draft_model: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -199,6 +200,7 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
     except ModelError as exc:
         logger.error("cannot shard the model: %s", exc)
         return 2
+    logger.info("rank %d computes with %s", cfg.rank, compute_path(cfg))
     resident = sum(a.nbytes for a in model.resident_arrays())
     logger.info(
         "rank %d loaded %s (%s) in %.1f s: %.1f MB of weights resident",
@@ -227,8 +229,28 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
             from tpnet.metrics import Metrics
 
             metrics = Metrics(mesh if cfg.world_size > 1 else None, collective)
+            drafter = None
+            if cfg.draft_model:
+                from tpnet.engine.speculative import DraftModel
+
+                try:
+                    drafter = DraftModel(cfg.draft_model)
+                except ModelError as exc:
+                    logger.error("cannot load the draft model: %s", exc)
+                    return 2
+                if drafter.vocab_size != spec.config.vocab_size:
+                    logger.error(
+                        "the draft model's vocabulary (%d) differs from the model's (%d)",
+                        drafter.vocab_size,
+                        spec.config.vocab_size,
+                    )
+                    return 2
             engine = Engine(
-                runner, mesh if cfg.world_size > 1 else None, cfg.limits, metrics
+                runner,
+                mesh if cfg.world_size > 1 else None,
+                cfg.limits,
+                metrics,
+                drafter,
             )
             metrics.engine = engine
             engine.start()
@@ -288,6 +310,21 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
             _say_goodbye(mesh, "stopped by signal")
             await mesh.close()
     return 0
+
+
+def compute_path(cfg: NodeConfig) -> str:
+    """What runs the matmuls, for logs and benchmarks: the activation dtype,
+    whether quantized weights were expanded, and which BLAS is loaded."""
+    blas = "MLX's bundled BLAS"
+    try:
+        with open("/proc/self/maps") as f:
+            if "openblas" in f.read():
+                blas = "OpenBLAS"
+    except OSError:
+        if sys.platform == "darwin":
+            blas = "Accelerate/Metal"
+    weights = "dequantized weights" if cfg.dequantize else "weights as stored"
+    return f"{cfg.dtype} activations, {weights}, {blas}"
 
 
 def read_secret(path: str | None) -> bytes:

@@ -25,6 +25,7 @@ import numpy as np
 from tpnet import wire
 from tpnet.collective import StepAborted
 from tpnet.engine.sampling import Sampler, top_alternatives
+from tpnet.engine.speculative import DraftLength, DraftModel, PromptLookup
 from tpnet.engine.step import StepRunner
 from tpnet.engine.types import (
     ClusterUnavailable,
@@ -51,6 +52,9 @@ class EngineLimits:
     prefill_chunk: int = 256
     # Tokens per sequence (prompt + output), at most the model's context.
     max_context: int = 4096
+    # Draft tokens verified per step by speculative decoding at the start;
+    # adapts per sequence to its acceptance. 0 turns speculation off.
+    speculative_tokens: int = 4
 
 
 @dataclass
@@ -68,6 +72,8 @@ class Sequence:
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    drafts: list[int] = field(default_factory=list)  # being verified this step
+    draft_length: DraftLength | None = None
 
     @property
     def pending(self) -> int:
@@ -81,6 +87,7 @@ class Engine:
         mesh: Mesh | None,
         limits: EngineLimits,
         metrics: Any = None,
+        draft_model: DraftModel | None = None,
     ) -> None:
         self.runner = runner
         self.mesh = mesh
@@ -92,6 +99,9 @@ class Engine:
         self.running: list[Sequence] = []
         self._free_slots = list(range(limits.max_running + limits.max_queued))
         self._to_free: list[int] = []
+        self._to_trim: list[list[int]] = []
+        self.drafter = draft_model
+        self.lookup = PromptLookup()
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -163,6 +173,8 @@ class Engine:
             tokens=list(request.prompt_ids),
             prompt_len=len(request.prompt_ids),
         )
+        if request.speculative and self.limits.speculative_tokens > 0:
+            seq.draft_length = DraftLength(self.limits.speculative_tokens)
         self.waiting.append(seq)
         self._work.set()
         try:
@@ -195,6 +207,8 @@ class Engine:
         self.waiting.clear()
 
     def _release(self, seq: Sequence) -> None:
+        if self.drafter is not None and seq.slot >= 0:
+            self.drafter.forget(seq.slot)
         if seq.slot >= 0:
             self._free_slots.append(seq.slot)
             self._to_free.append(seq.slot)
@@ -232,6 +246,7 @@ class Engine:
         self.epoch = random.randrange(1, 1 << 23)
         self.runner.begin_epoch(self.epoch)
         self._to_free.clear()
+        self._to_trim.clear()
         self.ready = True
         logger.info("cluster of %d ranks ready (epoch %d)", self.mesh.world_size, self.epoch)
 
@@ -252,8 +267,14 @@ class Engine:
         budget = self.limits.prefill_chunk
         seqs, chunks, members = [], [], []
         for seq in self.running:
+            seq.drafts = []
             if seq.pending == 1:
-                n = 1
+                seq.drafts = self._draft(seq)
+                n = 1 + len(seq.drafts)
+                seqs.append([seq.slot, n, n])
+                chunks.append(seq.tokens[-1:] + seq.drafts)
+                members.append((seq, n, n))
+                continue
             else:
                 n = min(seq.pending, budget)
                 if n <= 0:
@@ -264,7 +285,9 @@ class Engine:
             chunks.append(seq.tokens[seq.fed : seq.fed + n])
             members.append((seq, n, rows))
         body = {"epoch": self.epoch, "seqs": seqs, "free": self._to_free}
-        self._to_free = []
+        if self._to_trim:
+            body["trim"] = self._to_trim
+        self._to_free, self._to_trim = [], []
         tokens = np.array([t for c in chunks for t in c], dtype=np.int32)
         return body, tokens, members
 
@@ -280,15 +303,77 @@ class Engine:
         now = time.monotonic()
         for seq, n, rows in members:
             seq.fed += n
-            if rows:
+            if seq.drafts:
+                self._verify(seq, logits[row : row + rows], now)
+            elif rows:
                 self._emit(seq, logits[row], now)
-                row += rows
+            row += rows
+
+    def _draft(self, seq: Sequence) -> list[int]:
+        """Tokens to verify after the sequence's last one (maybe none)."""
+        if seq.draft_length is None or seq.generated == 0:
+            return []
+        room = self.max_context - len(seq.tokens) - 1
+        if seq.request.max_tokens is not None:
+            room = min(room, seq.request.max_tokens - seq.generated - 1)
+        count = min(seq.draft_length.current, room)
+        if count <= 0:
+            return []
+        if self.drafter is not None:
+            drafts = self.drafter.propose(seq.slot, seq.tokens, count)
+        else:
+            drafts = self.lookup.propose(seq.tokens, count)
+        return [t for t in drafts if 0 <= t < self.vocab_size]
+
+    def _verify(self, seq: Sequence, rows: np.ndarray, now: float) -> None:
+        """Keep the drafts the target model agrees with, then one more token
+        of its own: greedily that is exactly what plain decoding emits; when
+        sampling, a draft d is kept with probability p(d) (the drafters are
+        deterministic) and otherwise replaced by a draw from p without d."""
+        drafts = seq.drafts
+        accepted = 0
+        for i, draft in enumerate(drafts):
+            if seq.finished or seq.cancelled:
+                break
+            params = seq.request.sampling
+            if params.temperature == 0:
+                token, logprobs = seq.sampler.choose(rows[i])
+            else:
+                probs = seq.sampler.probabilities(rows[i])
+                adjusted = seq.sampler.adjust(rows[i])
+                logprobs = adjusted - np.logaddexp.reduce(adjusted)
+                if seq.sampler.uniform() < probs[draft]:
+                    token = draft
+                else:
+                    probs[draft] = 0.0
+                    token = seq.sampler.draw_from(probs)
+            self._deliver(seq, token, logprobs, now)
+            if token != draft:
+                break
+            accepted += 1
+        else:
+            if not (seq.finished or seq.cancelled):
+                self._emit(seq, rows[len(drafts)], now)
+        if seq.draft_length is not None:
+            seq.draft_length.update(len(drafts), accepted)
+        if self.metrics is not None:
+            self.metrics.spec_drafted.inc(len(drafts))
+            self.metrics.spec_accepted.inc(accepted)
+        rejected = len(drafts) - accepted
+        if rejected and not seq.finished and seq.slot >= 0:
+            # The cache holds the rejected drafts: drop them in the next step.
+            seq.fed -= rejected
+            self._to_trim.append([seq.slot, rejected])
+        seq.drafts = []
 
     def _emit(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
         if seq.finished or seq.cancelled:
             return
-        params = seq.request.sampling
         token, logprobs = seq.sampler.choose(logits)
+        self._deliver(seq, token, logprobs, now)
+
+    def _deliver(self, seq: Sequence, token: int, logprobs: np.ndarray, now: float) -> None:
+        params = seq.request.sampling
         seq.sampler.accept(token)
         seq.tokens.append(token)
         seq.generated += 1
