@@ -100,8 +100,19 @@ class Collective:
         while queue and queue[0].tag >> EPOCH_SHIFT in self._retired:
             queue.popleft()
 
+    def abort(self, reason: str) -> None:
+        """Fail the collective this rank is waiting in (the step is void)."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(StepAborted(reason))
+
     def _on_tensor(self, rank: int) -> None:
         self._drop_retired(rank)
+        queue = self.mesh.tensors[rank]
+        if queue and queue[0].tag >> EPOCH_SHIFT != self.epoch:
+            # A peer has started a newer epoch: whatever this rank waits for
+            # in the current one will never come.
+            self.abort(f"rank {rank} is in epoch {queue[0].tag >> EPOCH_SHIFT}")
+            return
         if self._waiter is not None and not self._waiter.done() and self._ready():
             self._waiter.set_result(None)
 

@@ -104,9 +104,14 @@ def build_model(
 STATS_INTERVAL_S = 2.0
 
 
-def _on_control(mesh: Mesh, rank: int, body: dict, metrics: Any = None) -> None:
+def _on_control(
+    mesh: Mesh, rank: int, body: dict, metrics: Any = None, collective: Any = None
+) -> None:
     kind = body.get("type")
-    if kind == "shutdown":
+    if kind == "step_failed" and collective is not None:
+        # A worker lost a peer mid-step: the others wait for its parts in vain.
+        collective.abort(f"rank {rank} failed the step: {body.get('reason', '')}")
+    elif kind == "shutdown":
         link = mesh.links.get(rank)
         if link is not None:
             link.close(f"rank {rank} is shutting down: {body.get('reason', '')}")
@@ -126,11 +131,11 @@ async def _report_stats(mesh: Mesh) -> None:
                 pass
 
 
-async def _rank0_inbox(mesh: Mesh, metrics: Any) -> None:
+async def _rank0_inbox(mesh: Mesh, metrics: Any, collective: Collective) -> None:
     while True:
         rank, msg = await mesh.inbox.get()
         if msg.kind == wire.Kind.CONTROL:
-            _on_control(mesh, rank, msg.meta, metrics)
+            _on_control(mesh, rank, msg.meta, metrics, collective)
         else:
             logger.warning("ignoring message kind %d from rank %d", msg.kind, rank)
 
@@ -144,14 +149,31 @@ def _say_goodbye(mesh: Mesh, reason: str) -> None:
 
 
 async def _worker_loop(mesh: Mesh, runner: StepRunner, vocab: int) -> None:
+    """Read the inbox and run the steps rank 0 sends, one at a time. A STEP of
+    a new epoch arriving while a step runs voids that step (rank 0 gave up on
+    it), so no rank waits for parts that will never come."""
+    steps: asyncio.Queue[wire.Message] = asyncio.Queue()
+    runner_task = asyncio.create_task(_run_steps(mesh, runner, vocab, steps))
+    try:
+        while True:
+            rank, msg = await mesh.inbox.get()
+            if msg.kind == wire.Kind.CONTROL:
+                _on_control(mesh, rank, msg.meta, collective=runner.collective)
+            elif msg.kind == wire.Kind.STEP and rank == 0:
+                if msg.meta.get("epoch") != runner.epoch:
+                    runner.collective.abort("rank 0 started a new epoch")
+                steps.put_nowait(msg)
+            else:
+                logger.warning("ignoring message kind %d from rank %d", msg.kind, rank)
+    finally:
+        runner_task.cancel()
+
+
+async def _run_steps(
+    mesh: Mesh, runner: StepRunner, vocab: int, steps: asyncio.Queue[wire.Message]
+) -> None:
     while True:
-        rank, msg = await mesh.inbox.get()
-        if msg.kind == wire.Kind.CONTROL:
-            _on_control(mesh, rank, msg.meta)
-            continue
-        if msg.kind != wire.Kind.STEP or rank != 0:
-            logger.warning("ignoring message kind %d from rank %d", msg.kind, rank)
-            continue
+        msg = await steps.get()
         tokens = (
             np.frombuffer(msg.payload, dtype=np.int32)
             if msg.payload is not None
@@ -165,8 +187,17 @@ async def _worker_loop(mesh: Mesh, runner: StepRunner, vocab: int) -> None:
             link = mesh.links.get(0)
             if link is not None:
                 link.close(f"bad step: {exc}")
-        except (PeerLost, StepAborted) as exc:
+        except StepAborted as exc:
             logger.warning("step aborted: %s", exc)
+        except PeerLost as exc:
+            logger.warning("step failed: %s", exc)
+            if exc.rank != 0 and 0 in mesh.links:
+                try:
+                    mesh.send_json(
+                        0, wire.Kind.CONTROL, {"type": "step_failed", "reason": str(exc)}
+                    )
+                except PeerLost:
+                    pass
 
 
 async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
@@ -255,7 +286,9 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
             metrics.engine = engine
             engine.start()
             if cfg.world_size > 1:
-                tasks.append(asyncio.create_task(_rank0_inbox(mesh, metrics)))
+                tasks.append(
+                    asyncio.create_task(_rank0_inbox(mesh, metrics, collective))
+                )
             app = create_app(
                 engine,
                 spec.tokenizer,
