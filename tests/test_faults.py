@@ -245,3 +245,22 @@ def test_a_flood_of_silent_connections_does_not_stop_the_cluster(cluster):
 
     assert status == 200, body
     assert cluster.health()[0] == 200
+
+
+def test_a_rank_that_cannot_load_its_model_exits_2_and_rank_0_says_so(tmp_path, tiny):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    c = Cluster(2, tmp_path / "logs", model=tiny)
+    c.start_rank(0)
+    try:
+        c.wait_status(503, 60)
+        worker = c.start_rank(1, extra=["--model", str(broken)])
+        code = worker.wait(60)
+        health = c.wait_status(503, 10)
+    finally:
+        c.stop()
+
+    assert code == 2
+    assert "cannot load the model" in c.log(1)
+    assert "rank 1 reports it cannot start" in c.log(0)
+    assert any("cannot load the model" in n for n in health["fault_notices"]), health

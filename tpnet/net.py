@@ -240,6 +240,10 @@ class Mesh:
         self.refusals: collections.deque[tuple[float, str, str]] = collections.deque(
             maxlen=32
         )
+        # Notices from ranks that could not start (spec 4.6), for /health.
+        self.fault_notices: collections.deque[tuple[float, str]] = collections.deque(
+            maxlen=8
+        )
         self._pending = 0
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -403,6 +407,8 @@ class Mesh:
 
     def note_refusal(self, addr: str, exc: wire.HandshakeRefused) -> None:
         self.refusals.append((time.time(), addr, f"{exc.code}: {exc}"))
+        if exc.code == "peer_fault" and not exc.remote:
+            self.fault_notices.append((time.time(), f"{addr}: {exc}"))
 
     async def _watch_liveness(self) -> None:
         """Ping idle links; declare a link lost when it has been silent for
@@ -421,6 +427,33 @@ class Mesh:
                     link.send(wire.encode_frame(wire.Kind.PING, tag=seq))
                 except PeerLost:
                     pass
+
+    @staticmethod
+    async def send_fault_notice(
+        addresses: list[Address], rank: int, secret: bytes, reason: str, timeout_s: float = 5.0
+    ) -> None:
+        """Tell the ranks this one dials that it cannot start, so they say so
+        instead of waiting for it in silence. Best effort, bounded in time."""
+
+        async def notify(peer: int) -> None:
+            addr = addresses[peer]
+            hs = wire.Handshake(secret, wire.PeerInfo(rank, len(addresses), ""), True)
+            try:
+                reader, writer = await asyncio.open_connection(addr.host, addr.port)
+            except OSError:
+                return
+            try:
+                writer.write(hs.start(fault=reason))
+                await writer.drain()
+                await reader.read(wire.HANDSHAKE_MAX_META_BYTES)
+            finally:
+                writer.close()
+
+        tasks = [asyncio.ensure_future(notify(p)) for p in range(rank)]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+            for task in tasks:
+                task.cancel()
 
     # traffic ------------------------------------------------------------------
 

@@ -207,6 +207,9 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
         spec = load_model(cfg.model)
     except ModelError as exc:
         logger.error("cannot load the model: %s", exc)
+        await Mesh.send_fault_notice(
+            cfg.addresses, cfg.rank, cfg.secret, f"cannot load the model: {exc}"
+        )
         return 2
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -351,7 +354,9 @@ def compute_path(cfg: NodeConfig) -> str:
     blas = "MLX's bundled BLAS"
     try:
         with open("/proc/self/maps") as f:
-            if "openblas" in f.read():
+            # MLX's CPU kernels call the system libblas; numpy's own bundled
+            # OpenBLAS (libscipy_openblas) is mapped too and does not count.
+            if any("openblas" in line and "libblas.so" in line for line in f):
                 blas = "OpenBLAS"
     except OSError:
         if sys.platform == "darwin":

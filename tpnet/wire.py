@@ -46,6 +46,8 @@ MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 HANDSHAKE_MAX_META_BYTES = 4096
 MAX_TENSOR_NDIM = 8
 NONCE_BYTES = 32
+# A fault notice is one log line, not a document.
+MAX_FAULT_CHARS = 500
 # Payloads up to this size are received through the reader's staging buffer
 # and copied out (cheap); larger ones are received straight into their own
 # aligned buffer, with no copy.
@@ -550,11 +552,18 @@ class Handshake:
         self._state = "start" if initiator else "await_hello"
         self._transcript = b""
 
-    def start(self) -> bytes:
+    def start(self, fault: str | None = None) -> bytes:
+        """HELLO. With `fault`, the HELLO is only a notice that this rank
+        cannot start (spec 4.6); the responder answers with ERROR."""
         assert self._state == "start"
         self._state = "await_challenge"
-        body = {"versions": list(SUPPORTED_VERSIONS), "nonce": self._nonce.hex()}
+        body: dict[str, Any] = {
+            "versions": list(SUPPORTED_VERSIONS),
+            "nonce": self._nonce.hex(),
+        }
         body.update(self.local.as_dict())
+        if fault is not None:
+            body["fault"] = fault[:MAX_FAULT_CHARS]
         return join(encode_json(Kind.HELLO, body))
 
     def receive(self, msg: Message) -> bytes:
@@ -593,6 +602,12 @@ class Handshake:
         version = max(common)
         nonce_i = _nonce(body, "peer")
         remote = _peer_info(body, "peer")
+        fault = body.get("fault")
+        if fault is not None:
+            raise HandshakeRefused(
+                "peer_fault",
+                f"rank {remote.rank} reports it cannot start: {str(fault)[:MAX_FAULT_CHARS]!r}",
+            )
         _check_compatible(self.local, remote, f"rank {remote.rank}")
         self.remote = remote
         self._transcript = _transcript(version, nonce_i, self._nonce, remote, self.local)

@@ -138,6 +138,9 @@ class Engine:
             "ok": self.ready and not missing and not self._closing,
             "world_size": self.runner.collective.world_size,
             "missing_ranks": missing,
+            "fault_notices": [text for _, text in self.mesh.fault_notices]
+            if self.mesh is not None
+            else [],
             "running": len(self.running),
             "queued": len(self.waiting),
         }
