@@ -19,7 +19,15 @@ import time
 from tpnet import cluster
 from tpnet.engine.engine import EngineLimits
 from tpnet.net import Address
-from tpnet.node import ConfigError, NodeConfig, create_secret, read_secret, run_node, setup_logging
+from tpnet.node import (
+    ConfigError,
+    NodeConfig,
+    create_secret,
+    dequantize_by_default,
+    read_secret,
+    run_node,
+    setup_logging,
+)
 
 DEFAULT_HTTP_PORT = 8100
 DEFAULT_BASE_PORT = 29500
@@ -32,7 +40,8 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-host", default=None, help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--api-key", default=os.environ.get("TPNET_API_KEY"), help="require Authorization: Bearer KEY")
     p.add_argument("--dtype", default="float32", help="activation dtype: float32, float16, bfloat16")
-    p.add_argument("--dequantize", action="store_true", help="expand quantized weights to --dtype at load (BLAS matmuls)")
+    p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None,
+                   help="expand quantized weights to --dtype at load (default: on a Linux CPU with OpenBLAS)")
     p.add_argument("--rank-weights", help="comma-separated share of each rank, e.g. 2,1")
     p.add_argument("--max-running", type=int, default=EngineLimits.max_running)
     p.add_argument("--max-queued", type=int, default=EngineLimits.max_queued)
@@ -92,7 +101,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         http_port=args.port,
         api_key=args.api_key,
         dtype=args.dtype,
-        dequantize=args.dequantize,
+        dequantize=dequantize_by_default() if args.dequantize is None else args.dequantize,
         rank_weights=_weights(args.rank_weights),
         limits=_limits(args),
         draft_model=args.draft_model,
@@ -135,8 +144,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cmd += ["--http-host", args.http_host]
         if args.api_key:
             cmd += ["--api-key", args.api_key]
-        if args.dequantize:
-            cmd.append("--dequantize")
+        if args.dequantize is not None:
+            cmd.append("--dequantize" if args.dequantize else "--no-dequantize")
         if args.rank_weights:
             cmd += ["--rank-weights", args.rank_weights]
         if log_dir:

@@ -161,11 +161,20 @@ class Collective:
         for r in others:
             self.mesh.send(r, frame)
         parts = await self._receive(others, tag)
-        total: mx.array | None = None
-        for r in range(self.world_size):
-            part = x if r == self.rank else from_message(parts[r])
-            total = part if total is None else total + part
-        assert total is not None
+        if dtype == "bfloat16":  # numpy has no bfloat16: add in MLX
+            mx_parts = [x if r == self.rank else from_message(parts[r]) for r in range(self.world_size)]
+            total = mx_parts[0]
+            for part in mx_parts[1:]:
+                total = total + part
+        else:
+            # Added in numpy, in rank order, so every rank gets bit-identical
+            # sums; an MLX add would cost an eval round trip to MLX's stream
+            # thread (10-50 us) on this hot path.
+            arrays = [buf if r == self.rank else parts[r].array() for r in range(self.world_size)]
+            acc = np.add(arrays[0], arrays[1])
+            for a in arrays[2:]:
+                np.add(acc, a, out=acc)
+            total = mx.array(acc)
         self.latencies.append(time.perf_counter() - started)
         return total
 

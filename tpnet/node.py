@@ -235,6 +235,13 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
         logger.error("cannot shard the model: %s", exc)
         return 2
     logger.info("rank %d computes with %s", cfg.rank, compute_path(cfg))
+    from tpnet import blas
+
+    if sys.platform == "linux" and blas.loaded is None:
+        logger.info(
+            "no system OpenBLAS found: prompts and batches run far slower on the "
+            "CPU (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
+        )
     resident = sum(a.nbytes for a in model.resident_arrays())
     logger.info(
         "rank %d loaded %s (%s) in %.1f s: %.1f MB of weights resident",
@@ -351,18 +358,25 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
 def compute_path(cfg: NodeConfig) -> str:
     """What runs the matmuls, for logs and benchmarks: the activation dtype,
     whether quantized weights were expanded, and which BLAS is loaded."""
-    blas = "MLX's bundled BLAS"
-    try:
-        with open("/proc/self/maps") as f:
-            # MLX's CPU kernels call the system libblas; numpy's own bundled
-            # OpenBLAS (libscipy_openblas) is mapped too and does not count.
-            if any("openblas" in line and "libblas.so" in line for line in f):
-                blas = "OpenBLAS"
-    except OSError:
-        if sys.platform == "darwin":
-            blas = "Accelerate/Metal"
+    from tpnet import blas
+
+    if sys.platform == "darwin":
+        library = "Metal/Accelerate"
+    elif blas.loaded:
+        library = f"OpenBLAS ({blas.loaded})"
+    else:
+        library = "MLX's bundled reference BLAS"
     weights = "dequantized weights" if cfg.dequantize else "weights as stored"
-    return f"{cfg.dtype} activations, {weights}, {blas}"
+    return f"{cfg.dtype} activations, {weights}, {library}"
+
+
+def dequantize_by_default() -> bool:
+    """Expand quantized weights on a CPU with OpenBLAS: its float matmuls
+    beat MLX's quantized CPU kernels, by far for steps of many tokens. On a
+    Mac the GPU's quantized kernels are the fast path."""
+    from tpnet import blas
+
+    return sys.platform == "linux" and blas.loaded is not None
 
 
 def read_secret(path: str | None) -> bytes:

@@ -35,6 +35,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -51,8 +52,17 @@ from tpnet.api.schemas import (
     parse_completion_request,
     sampling_params,
 )
-from tpnet.engine.types import EngineError, GenerationRequest, TokenOutput
-from tpnet.textstream import IncrementalDetokenizer, StopMatcher
+from tpnet.engine.types import (
+    ContextTooLong,
+    EngineError,
+    GenerationRequest,
+    TokenOutput,
+)
+from tpnet.textstream import (
+    REPLACEMENT_CHARACTER,
+    IncrementalDetokenizer,
+    StopMatcher,
+)
 from tpnet.tokenizer import ChatTemplateError
 
 logger = logging.getLogger("tpnet.api")
@@ -362,6 +372,7 @@ class _Format:
 
     id_prefix: str
     object_name: str
+    prompt_param: str  # the request field a too-long prompt came from
     chunk_object_name: str
 
     def __init__(self, tokenizer: Tokenizer, want_logprobs: bool) -> None:
@@ -381,10 +392,29 @@ class _Format:
     def _token_text(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id])
 
+    def _token_bytes(self, token_id: int, text: str) -> bytes:
+        """The bytes a token stands for. A token holding part of a UTF-8
+        character decodes to U+FFFD alone, so its bytes come from its
+        vocabulary entry; clients join them to rebuild the character."""
+        id_to_token = getattr(self._tokenizer, "id_to_token", None)
+        if REPLACEMENT_CHARACTER not in text or id_to_token is None:
+            return text.encode()
+        try:
+            piece = id_to_token(token_id)
+        except ValueError:
+            return text.encode()
+        byte_token = _BYTE_FALLBACK_TOKEN.fullmatch(piece)
+        if byte_token is not None:
+            return bytes([int(byte_token[1], 16)])
+        if all(char in _BYTE_LEVEL_CHARS for char in piece):
+            return bytes(_BYTE_LEVEL_CHARS[char] for char in piece)
+        return text.encode()
+
 
 class _ChatFormat(_Format):
     id_prefix = "chatcmpl-"
     object_name = "chat.completion"
+    prompt_param = "messages"
     chunk_object_name = "chat.completion.chunk"
 
     def stream_opening(self, index: int) -> dict[str, Any]:
@@ -426,7 +456,8 @@ class _ChatFormat(_Format):
 
     def _alternative(self, token_id: int, logprob: float | None) -> dict[str, Any]:
         text = self._token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        raw = self._token_bytes(token_id, text)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
 
 class _CompletionFormat(_Format):
@@ -438,6 +469,7 @@ class _CompletionFormat(_Format):
 
     id_prefix = "cmpl-"
     object_name = "text_completion"
+    prompt_param = "prompt"
     chunk_object_name = "text_completion"
 
     def __init__(
@@ -486,6 +518,29 @@ class _CompletionFormat(_Format):
             ],
             "text_offset": [echo_length + offset for offset in offsets],
         }
+
+
+# A SentencePiece byte-fallback token (`<0xE3>`) stands for one raw byte.
+_BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE vocabularies spell every byte as one visible character:
+    printable Latin-1 bytes as themselves, the other bytes, in order, as the
+    code points from 256 up. Maps each such character back to its byte."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    chars: dict[str, int] = {}
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + shifted)] = byte
+            shifted += 1
+    return chars
+
+
+_BYTE_LEVEL_CHARS = _byte_level_chars()
 
 
 def _error_type(status: int) -> str:
@@ -755,7 +810,15 @@ class _Api:
 
         # 1. Refuse before any byte is sent if the engine cannot take it.
         count = len(prompts) * options.n
-        self.engine.admit(max(map(len, prompts)), options.max_tokens, count)
+        try:
+            self.engine.admit(max(map(len, prompts)), options.max_tokens, count)
+        except ContextTooLong as error:
+            # The client's prompt is at fault: name the field it came from.
+            raise RequestError(
+                f"{fmt.prompt_param} is too long: {_engine_error_message(error)}",
+                fmt.prompt_param,
+                error.code,
+            ) from None
 
         # 2. Start every sequence: choice p * n + i is sample i of prompt p.
         stop_token_ids = frozenset(self.tokenizer.eos_token_ids)

@@ -192,8 +192,14 @@ class SliceLoader:
                 scales = scales[:, cols[0] // group : cols[1] // group]
                 biases = biases[:, cols[0] // group : cols[1] // group]
         if quant is not None and self.dequantize:
+            # Scales in the compute dtype: dequantizing with float16 scales
+            # would round every weight to float16.
             weight = mx.dequantize(
-                weight, scales, biases, group_size=quant[0], bits=quant[1]
+                weight,
+                scales.astype(self.dtype),
+                biases.astype(self.dtype),
+                group_size=quant[0],
+                bits=quant[1],
             )
             scales = biases = None
             quant = None
