@@ -58,12 +58,20 @@ class Cluster:
 
     def command(self, rank: int, extra: list[str] | None = None) -> list[str]:
         cmd = [
-            sys.executable, "-m", "tpnet", "node",
-            "--rank", str(rank),
-            "--peers", self.peers,
-            "--port", str(self.http_port),
-            "--heartbeat", str(self.heartbeat),
-            "--peer-timeout", str(self.peer_timeout),
+            sys.executable,
+            "-m",
+            "tpnet",
+            "node",
+            "--rank",
+            str(rank),
+            "--peers",
+            self.peers,
+            "--port",
+            str(self.http_port),
+            "--heartbeat",
+            str(self.heartbeat),
+            "--peer-timeout",
+            str(self.peer_timeout),
         ]
         if self.model:
             cmd += ["--model", self.model]
@@ -72,8 +80,12 @@ class Cluster:
     def log_path(self, rank: int) -> Path:
         return self.log_dir / f"rank{rank}.log"
 
-    def start_rank(self, rank: int, extra: list[str] | None = None, secret: str | None = None) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, TPNET_SECRET=secret or self.secrets[rank], PYTHONUNBUFFERED="1")
+    def start_rank(
+        self, rank: int, extra: list[str] | None = None, secret: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        env = dict(
+            os.environ, TPNET_SECRET=secret or self.secrets[rank], PYTHONUNBUFFERED="1"
+        )
         log = open(self.log_path(rank), "ab")
         proc = subprocess.Popen(
             self.command(rank, extra), stdout=log, stderr=subprocess.STDOUT, env=env
@@ -107,7 +119,9 @@ class Cluster:
         while time.monotonic() < deadline:
             for rank, proc in self.procs.items():
                 if proc.poll() is not None and rank == 0:
-                    raise AssertionError(f"rank 0 exited ({proc.returncode}):\n{self.log(0)}")
+                    raise AssertionError(
+                        f"rank 0 exited ({proc.returncode}):\n{self.log(0)}"
+                    )
             status, _ = self.health()
             if status == 200:
                 return
@@ -123,7 +137,9 @@ class Cluster:
             if status == want:
                 return body
             time.sleep(0.1)
-        raise AssertionError(f"/health never answered {want} within {timeout} s: {body}")
+        raise AssertionError(
+            f"/health never answered {want} within {timeout} s: {body}"
+        )
 
     def signal(self, rank: int, sig: int) -> None:
         self.procs[rank].send_signal(sig)

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from clusterutil import Cluster  # noqa: E402
+from clusterutil import Cluster
 
 
 @pytest.fixture(scope="session")

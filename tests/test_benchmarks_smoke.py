@@ -18,7 +18,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from _common import format_table, percentile
+from _common import format_table, percentile  # noqa: E402
 
 # Generous bounds for a loaded 2-core machine: the quick latency run takes
 # seconds, the load run starts a 2-rank cluster (model load) first.

@@ -14,14 +14,21 @@ from reference import greedy, mlx_lm_model
 # without hiding a wrong shard (which moves them by whole units).
 LOGPROB_TOLERANCE = 2e-3
 GENERATED = 32
-MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}]
+MESSAGES = [
+    {
+        "role": "user",
+        "content": "Write a long story about a dragon who learns to paint.",
+    }
+]
 
 
 @pytest.fixture(scope="module")
 def reference(default_spec):
     prompt = default_spec.tokenizer.apply_chat_template(MESSAGES)
     tokens, logprobs = greedy(mlx_lm_model(default_spec), prompt, GENERATED)
-    assert not set(tokens) & default_spec.tokenizer.eos_token_ids, "pick a longer prompt"
+    assert not set(tokens) & default_spec.tokenizer.eos_token_ids, (
+        "pick a longer prompt"
+    )
     return tokens, logprobs
 
 

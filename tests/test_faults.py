@@ -26,7 +26,9 @@ LOST_WITHIN = 15.0
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "model"
-    return build_tiny_model(path, "llama", None, seed=3, hidden_size=128, num_attention_heads=4)
+    return build_tiny_model(
+        path, "llama", None, seed=3, hidden_size=128, num_attention_heads=4
+    )
 
 
 @pytest.fixture
@@ -93,7 +95,9 @@ def chat(cluster: Cluster, max_tokens: int = 4) -> tuple[int, dict]:
     )
 
 
-def test_killing_a_worker_mid_stream_ends_the_stream_with_an_error_and_a_restart_heals(cluster):
+def test_killing_a_worker_mid_stream_ends_the_stream_with_an_error_and_a_restart_heals(
+    cluster,
+):
     stream = Stream(cluster)
     assert stream.started.wait(30), stream.events
 
@@ -160,8 +164,12 @@ def test_sigterm_on_rank_0_fails_the_stream_clearly_and_exits_0(cluster):
     assert stream.error is not None and "shutting down" in stream.error["message"]
 
 
-def _handshake_as(cluster: Cluster, secret: bytes, versions: list[int] | None = None,
-                  fingerprint: str | None = None) -> dict:
+def _handshake_as(
+    cluster: Cluster,
+    secret: bytes,
+    versions: list[int] | None = None,
+    fingerprint: str | None = None,
+) -> dict:
     """Dial rank 0 as a would-be rank 1 and return the ERROR it answers."""
     spec = load_model(cluster.model)
     local = wire.PeerInfo(1, 2, fingerprint or spec.fingerprint)
@@ -171,7 +179,9 @@ def _handshake_as(cluster: Cluster, secret: bytes, versions: list[int] | None = 
         body = dict(wire.FrameReader().feed(hello)[0].meta, versions=versions)
         hello = wire.join(wire.encode_json(wire.Kind.HELLO, body))
     reader = wire.FrameReader()
-    with socket.create_connection(("127.0.0.1", cluster.peer_ports[0]), timeout=10) as s:
+    with socket.create_connection(
+        ("127.0.0.1", cluster.peer_ports[0]), timeout=10
+    ) as s:
         s.sendall(hello)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -212,8 +222,14 @@ def test_a_peer_speaking_another_protocol_version_is_refused_clearly(cluster):
 
 
 def test_a_rank_with_another_model_is_refused_on_both_sides(tmp_path, tiny):
-    other = build_tiny_model(tmp_path / "other", "llama", None, seed=4, hidden_size=128,
-                             num_attention_heads=4)
+    other = build_tiny_model(
+        tmp_path / "other",
+        "llama",
+        None,
+        seed=4,
+        hidden_size=128,
+        num_attention_heads=4,
+    )
     c = Cluster(2, tmp_path / "logs", model=tiny)
     c.start_rank(0)
     c.start_rank(1, extra=["--model", other])
@@ -236,7 +252,11 @@ def test_a_flood_of_silent_connections_does_not_stop_the_cluster(cluster):
     sockets = []
     try:
         for _ in range(40):
-            sockets.append(socket.create_connection(("127.0.0.1", cluster.peer_ports[0]), timeout=5))
+            sockets.append(
+                socket.create_connection(
+                    ("127.0.0.1", cluster.peer_ports[0]), timeout=5
+                )
+            )
 
         status, body = chat(cluster)
     finally:

@@ -22,7 +22,9 @@ GENERATED = 16
 LOGPROB_TOLERANCE = 2e-3
 # head_dim 32 keeps every shard on 32-wide quantization groups; 2 KV heads
 # make 3 ranks replicate a KV head.
-SHAPE = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
+SHAPE = dict(
+    hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256
+)
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
 
@@ -110,9 +112,21 @@ def test_a_rank_with_a_broken_model_exits_at_once_with_status_2(tmp_path):
     (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 100)
 
     result = subprocess.run(
-        [sys.executable, "-m", "tpnet", "node", "--rank", "1",
-         "--peers", "127.0.0.1:1,127.0.0.1:2", "--model", str(tmp_path / "broken.gguf")],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "tpnet",
+            "node",
+            "--rank",
+            "1",
+            "--peers",
+            "127.0.0.1:1,127.0.0.1:2",
+            "--model",
+            str(tmp_path / "broken.gguf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"TPNET_SECRET": "x" * 32, "PATH": "/usr/bin:/bin"},
     )
 

@@ -33,19 +33,32 @@ def test_metrics_cover_requests_latencies_and_every_rank(tmp_path):
         cluster.wait_healthy()
         status, body = cluster.post(
             "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
-             "logit_bias": {"0": -100, "2": -100}},
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 5,
+                "logit_bias": {"0": -100, "2": -100},
+            },
         )
         assert status == 200, body
         deadline = time.monotonic() + 15
         samples = scrape(cluster)
-        while time.monotonic() < deadline and not value(samples, "tpnet_rank_memory_bytes", rank="1"):
+        while time.monotonic() < deadline and not value(
+            samples, "tpnet_rank_memory_bytes", rank="1"
+        ):
             time.sleep(0.5)
             samples = scrape(cluster)
     finally:
         cluster.stop()
 
-    assert value(samples, "tpnet_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert (
+        value(
+            samples,
+            "tpnet_requests_total",
+            endpoint="/v1/chat/completions",
+            status="200",
+        )
+        == 1
+    )
     assert value(samples, "tpnet_completion_tokens_total") == 5
     assert value(samples, "tpnet_time_to_first_token_seconds_count") == 1
     assert value(samples, "tpnet_inter_token_latency_seconds_count") == 4

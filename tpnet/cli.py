@@ -1,9 +1,9 @@
 """The `tpnet` command.
 
-  tpnet serve            all ranks of a local cluster on loopback, foreground
-  tpnet node             one rank (what a service manager runs)
-  tpnet start|stop|status   the ranks of this machine from a cluster file
-  tpnet service install|uninstall   a systemd unit or launchd plist per rank
+tpnet serve            all ranks of a local cluster on loopback, foreground
+tpnet node             one rank (what a service manager runs)
+tpnet start|stop|status   the ranks of this machine from a cluster file
+tpnet service install|uninstall   a systemd unit or launchd plist per rank
 """
 
 from __future__ import annotations
@@ -35,23 +35,59 @@ DEFAULT_HOME = os.path.expanduser(os.environ.get("TPNET_HOME", "~/.tpnet"))
 
 
 def _add_serving_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="GGUF file or MLX/Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        help="GGUF file or MLX/Hugging Face folder (default: SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--secret-file", help="cluster key file (or set TPNET_SECRET)")
-    p.add_argument("--http-host", default=None, help="HTTP bind address (default 127.0.0.1)")
-    p.add_argument("--api-key", default=os.environ.get("TPNET_API_KEY"), help="require Authorization: Bearer KEY")
-    p.add_argument("--dtype", default="float32", help="activation dtype: float32, float16, bfloat16")
-    p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None,
-                   help="expand quantized weights to --dtype at load (default: on a Linux CPU with OpenBLAS)")
-    p.add_argument("--rank-weights", help="comma-separated share of each rank, e.g. 2,1")
+    p.add_argument(
+        "--http-host", default=None, help="HTTP bind address (default 127.0.0.1)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TPNET_API_KEY"),
+        help="require Authorization: Bearer KEY",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="activation dtype: float32, float16, bfloat16",
+    )
+    p.add_argument(
+        "--dequantize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="expand quantized weights to --dtype at load (default: on a Linux CPU with OpenBLAS)",
+    )
+    p.add_argument(
+        "--rank-weights", help="comma-separated share of each rank, e.g. 2,1"
+    )
     p.add_argument("--max-running", type=int, default=EngineLimits.max_running)
     p.add_argument("--max-queued", type=int, default=EngineLimits.max_queued)
     p.add_argument("--max-context", type=int, default=EngineLimits.max_context)
     p.add_argument("--prefill-chunk", type=int, default=EngineLimits.prefill_chunk)
-    p.add_argument("--speculative-tokens", type=int, default=EngineLimits.speculative_tokens,
-                   help="draft tokens verified per step at first (adapts; 0 turns speculative decoding off)")
-    p.add_argument("--draft-model", help="small model of the same tokenizer that drafts on rank 0 (default: prompt lookup)")
-    p.add_argument("--heartbeat", type=float, default=0.5, help="seconds between pings on an idle link")
-    p.add_argument("--peer-timeout", type=float, default=3.0, help="seconds of silence before a rank is declared lost")
+    p.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=EngineLimits.speculative_tokens,
+        help="draft tokens verified per step at first (adapts; 0 turns speculative decoding off)",
+    )
+    p.add_argument(
+        "--draft-model",
+        help="small model of the same tokenizer that drafts on rank 0 (default: prompt lookup)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=0.5,
+        help="seconds between pings on an idle link",
+    )
+    p.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=3.0,
+        help="seconds of silence before a rank is declared lost",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--cluster", help="cluster file (TOML); settings there are defaults")
 
@@ -63,7 +99,10 @@ def _limits(args: argparse.Namespace) -> EngineLimits:
     if not 0 <= args.speculative_tokens <= 8:
         raise ConfigError("--speculative-tokens must be between 0 and 8")
     return EngineLimits(
-        args.max_running, args.max_queued, args.prefill_chunk, args.max_context,
+        args.max_running,
+        args.max_queued,
+        args.prefill_chunk,
+        args.max_context,
         args.speculative_tokens,
     )
 
@@ -74,7 +113,9 @@ def _weights(text: str | None) -> list[float] | None:
     try:
         return [float(w) for w in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--rank-weights must be numbers separated by commas, got {text!r}") from None
+        raise ConfigError(
+            f"--rank-weights must be numbers separated by commas, got {text!r}"
+        ) from None
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -101,7 +142,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         http_port=args.port,
         api_key=args.api_key,
         dtype=args.dtype,
-        dequantize=dequantize_by_default() if args.dequantize is None else args.dequantize,
+        dequantize=dequantize_by_default()
+        if args.dequantize is None
+        else args.dequantize,
         rank_weights=_weights(args.rank_weights),
         limits=_limits(args),
         draft_model=args.draft_model,
@@ -129,13 +172,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     children: dict[int, subprocess.Popen[bytes]] = {}
 
     def command(rank: int) -> list[str]:
-        cmd = [sys.executable, "-m", "tpnet", "node", "--rank", str(rank), "--peers", peers,
-               "--secret-file", secret_file, "--port", str(args.port),
-               "--dtype", args.dtype, "--log-level", args.log_level,
-               "--max-running", str(args.max_running), "--max-queued", str(args.max_queued),
-               "--max-context", str(args.max_context), "--prefill-chunk", str(args.prefill_chunk),
-               "--heartbeat", str(args.heartbeat), "--peer-timeout", str(args.peer_timeout),
-               "--speculative-tokens", str(args.speculative_tokens)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tpnet",
+            "node",
+            "--rank",
+            str(rank),
+            "--peers",
+            peers,
+            "--secret-file",
+            secret_file,
+            "--port",
+            str(args.port),
+            "--dtype",
+            args.dtype,
+            "--log-level",
+            args.log_level,
+            "--max-running",
+            str(args.max_running),
+            "--max-queued",
+            str(args.max_queued),
+            "--max-context",
+            str(args.max_context),
+            "--prefill-chunk",
+            str(args.prefill_chunk),
+            "--heartbeat",
+            str(args.heartbeat),
+            "--peer-timeout",
+            str(args.peer_timeout),
+            "--speculative-tokens",
+            str(args.speculative_tokens),
+        ]
         if args.draft_model:
             cmd += ["--draft-model", args.draft_model]
         if args.model:
@@ -177,10 +245,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # 0: the rank was stopped on purpose; 2: its configuration or
             # model cannot work, so restarting would fail the same way.
             if code in (0, 2) or not args.restart:
-                print(f"tpnet: rank {rank} exited with status {code}; stopping", file=sys.stderr)
+                print(
+                    f"tpnet: rank {rank} exited with status {code}; stopping",
+                    file=sys.stderr,
+                )
                 stopping, status = True, code or 1
                 break
-            print(f"tpnet: rank {rank} exited with status {code}; restarting it", file=sys.stderr)
+            print(
+                f"tpnet: rank {rank} exited with status {code}; restarting it",
+                file=sys.stderr,
+            )
             children[rank] = subprocess.Popen(command(rank))
     for child in children.values():
         if child.poll() is None:
@@ -196,15 +270,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tpnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tpnet",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run a local cluster on loopback in the foreground")
+    serve = sub.add_parser(
+        "serve", help="run a local cluster on loopback in the foreground"
+    )
     serve.add_argument("--world-size", type=int, default=2)
     serve.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port")
-    serve.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT, help="rank r listens on base+r")
+    serve.add_argument(
+        "--base-port",
+        type=int,
+        default=DEFAULT_BASE_PORT,
+        help="rank r listens on base+r",
+    )
     serve.add_argument("--log-dir", help="also write each rank's log to DIR/rankR.log")
-    serve.add_argument("--no-restart", dest="restart", action="store_false", help="do not restart a rank that dies")
+    serve.add_argument(
+        "--no-restart",
+        dest="restart",
+        action="store_false",
+        help="do not restart a rank that dies",
+    )
     _add_serving_options(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -212,8 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--rank", type=int)
     node.add_argument("--world-size", type=int)
     node.add_argument("--peers", help="HOST:PORT of every rank, in rank order")
-    node.add_argument("--listen-host", help="address to listen on (default: this rank's peer host)")
-    node.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port (rank 0)")
+    node.add_argument(
+        "--listen-host", help="address to listen on (default: this rank's peer host)"
+    )
+    node.add_argument(
+        "--port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port (rank 0)"
+    )
     node.add_argument("--log-file", help="also log to this rotating file")
     _add_serving_options(node)
     node.set_defaults(func=cmd_node)

@@ -117,9 +117,9 @@ class Collective:
             self._waiter.set_result(None)
 
     def _on_lost(self, rank: int, reason: str) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            if rank in self._waiting_for:
-                self._waiter.set_exception(PeerLost(rank, reason))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and rank in self._waiting_for:
+            waiter.set_exception(PeerLost(rank, reason))
 
     def _ready(self) -> bool:
         return all(self.mesh.tensors[r] for r in self._waiting_for)
@@ -162,7 +162,10 @@ class Collective:
             self.mesh.send(r, frame)
         parts = await self._receive(others, tag)
         if dtype == "bfloat16":  # numpy has no bfloat16: add in MLX
-            mx_parts = [x if r == self.rank else from_message(parts[r]) for r in range(self.world_size)]
+            mx_parts = [
+                x if r == self.rank else from_message(parts[r])
+                for r in range(self.world_size)
+            ]
             total = mx_parts[0]
             for part in mx_parts[1:]:
                 total = total + part
@@ -170,7 +173,10 @@ class Collective:
             # Added in numpy, in rank order, so every rank gets bit-identical
             # sums; an MLX add would cost an eval round trip to MLX's stream
             # thread (10-50 us) on this hot path.
-            arrays = [buf if r == self.rank else parts[r].array() for r in range(self.world_size)]
+            arrays = [
+                buf if r == self.rank else parts[r].array()
+                for r in range(self.world_size)
+            ]
             acc = np.add(arrays[0], arrays[1])
             for a in arrays[2:]:
                 np.add(acc, a, out=acc)

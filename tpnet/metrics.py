@@ -24,7 +24,17 @@ from prometheus_client import (
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ALLREDUCE_BUCKETS = (
-    0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05,
+    0.00001,
+    0.00002,
+    0.00005,
+    0.0001,
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.05,
 )
 
 
@@ -49,35 +59,62 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "tpnet_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+            "tpnet_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
         )
-        self.prompt_tokens = Counter("tpnet_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.prompt_tokens = Counter(
+            "tpnet_prompt_tokens", "Prompt tokens processed", registry=r
+        )
         self.completion_tokens = Counter(
             "tpnet_completion_tokens", "Tokens generated", registry=r
         )
         self.ttft = Histogram(
-            "tpnet_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
+            "tpnet_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.itl = Histogram(
-            "tpnet_inter_token_latency_seconds", "Time between tokens of a stream", buckets=LATENCY_BUCKETS, registry=r
+            "tpnet_inter_token_latency_seconds",
+            "Time between tokens of a stream",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.allreduce = Histogram(
-            "tpnet_allreduce_latency_seconds", "All-reduce latency (rank 0)", buckets=ALLREDUCE_BUCKETS, registry=r
+            "tpnet_allreduce_latency_seconds",
+            "All-reduce latency (rank 0)",
+            buckets=ALLREDUCE_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge("tpnet_queue_depth", "Requests waiting", registry=r)
-        self.running = Gauge("tpnet_running_sequences", "Sequences in the batch", registry=r)
-        self.steps = Gauge("tpnet_steps", "Forward steps run since start", registry=r)
-        self.ranks_connected = Gauge("tpnet_ranks_connected", "Ranks connected, rank 0 included", registry=r)
-        self.bytes_sent = Gauge(
-            "tpnet_peer_bytes_sent", "Bytes rank 0 sent to each peer over its current link", ["peer"], registry=r
+        self.running = Gauge(
+            "tpnet_running_sequences", "Sequences in the batch", registry=r
         )
-        self.cpu = Gauge("tpnet_rank_cpu_percent", "CPU use per rank", ["rank"], registry=r)
-        self.rss = Gauge("tpnet_rank_memory_bytes", "Resident memory per rank", ["rank"], registry=r)
+        self.steps = Gauge("tpnet_steps", "Forward steps run since start", registry=r)
+        self.ranks_connected = Gauge(
+            "tpnet_ranks_connected", "Ranks connected, rank 0 included", registry=r
+        )
+        self.bytes_sent = Gauge(
+            "tpnet_peer_bytes_sent",
+            "Bytes rank 0 sent to each peer over its current link",
+            ["peer"],
+            registry=r,
+        )
+        self.cpu = Gauge(
+            "tpnet_rank_cpu_percent", "CPU use per rank", ["rank"], registry=r
+        )
+        self.rss = Gauge(
+            "tpnet_rank_memory_bytes", "Resident memory per rank", ["rank"], registry=r
+        )
         self.spec_accepted = Counter(
             "tpnet_speculative_accepted_tokens", "Drafted tokens accepted", registry=r
         )
         self.spec_drafted = Counter(
-            "tpnet_speculative_drafted_tokens", "Tokens drafted for verification", registry=r
+            "tpnet_speculative_drafted_tokens",
+            "Tokens drafted for verification",
+            registry=r,
         )
         self.worker_stats: dict[int, dict[str, Any]] = {}
         psutil.Process(os.getpid()).cpu_percent(None)  # prime the CPU counter

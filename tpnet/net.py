@@ -61,7 +61,11 @@ class Address:
         return cls(host.strip("[]"), int(port))
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return (
+            f"[{self.host}]:{self.port}"
+            if ":" in self.host
+            else f"{self.host}:{self.port}"
+        )
 
 
 class Link(asyncio.BufferedProtocol):
@@ -197,9 +201,15 @@ class Link(asyncio.BufferedProtocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort() if "protocol" in reason else self.transport.close()
-        if not self.handshake.done and not self.reported and not self.handshake.initiator:
+        if (
+            not self.handshake.done
+            and not self.reported
+            and not self.handshake.initiator
+        ):
             logger.warning(
-                "connection from %s ended before authenticating: %s", self.peer_addr, reason
+                "connection from %s ended before authenticating: %s",
+                self.peer_addr,
+                reason,
             )
         if not self.authenticated.done():
             self.authenticated.set_exception(ConnectionError(reason))
@@ -287,7 +297,9 @@ class Mesh:
 
     @property
     def missing(self) -> list[int]:
-        return [r for r in range(self.world_size) if r != self.rank and r not in self.links]
+        return [
+            r for r in range(self.world_size) if r != self.rank and r not in self.links
+        ]
 
     async def wait_complete(self, timeout_s: float | None = None) -> None:
         """Wait until a link to every other rank is up; logs who it waits for."""
@@ -421,7 +433,9 @@ class Mesh:
             for link in list(self.links.values()):
                 silent = now - link.last_rx
                 if silent > self.peer_timeout_s:
-                    link.close(f"no data for {silent:.1f} s (timeout {self.peer_timeout_s} s)")
+                    link.close(
+                        f"no data for {silent:.1f} s (timeout {self.peer_timeout_s} s)"
+                    )
                     continue
                 try:
                     link.send(wire.encode_frame(wire.Kind.PING, tag=seq))
@@ -430,7 +444,11 @@ class Mesh:
 
     @staticmethod
     async def send_fault_notice(
-        addresses: list[Address], rank: int, secret: bytes, reason: str, timeout_s: float = 5.0
+        addresses: list[Address],
+        rank: int,
+        secret: bytes,
+        reason: str,
+        timeout_s: float = 5.0,
     ) -> None:
         """Tell the ranks this one dials that it cannot start, so they say so
         instead of waiting for it in silence. Best effort, bounded in time."""
@@ -478,5 +496,7 @@ class Mesh:
             raise PeerLost(rank, "not connected")
         link.send(buffers)
 
-    def send_json(self, rank: int, kind: int, body: dict[str, Any], payload: Any = None) -> None:
+    def send_json(
+        self, rank: int, kind: int, body: dict[str, Any], payload: Any = None
+    ) -> None:
         self.send(rank, wire.encode_json(kind, body, payload=payload))

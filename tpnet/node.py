@@ -77,9 +77,7 @@ def check_config(cfg: NodeConfig) -> None:
         raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
 
 
-def build_model(
-    spec: ModelSpec, cfg: NodeConfig, collective_all_sum
-) -> ShardedModel:
+def build_model(spec: ModelSpec, cfg: NodeConfig, collective_all_sum) -> ShardedModel:
     plan = plan_shard(
         spec.config,
         cfg.rank,
@@ -143,7 +141,9 @@ async def _rank0_inbox(mesh: Mesh, metrics: Any, collective: Collective) -> None
 def _say_goodbye(mesh: Mesh, reason: str) -> None:
     for rank in list(mesh.links):
         try:
-            mesh.send_json(rank, wire.Kind.CONTROL, {"type": "shutdown", "reason": reason})
+            mesh.send_json(
+                rank, wire.Kind.CONTROL, {"type": "shutdown", "reason": reason}
+            )
         except PeerLost:
             pass
 
@@ -194,7 +194,9 @@ async def _run_steps(
             if exc.rank != 0 and 0 in mesh.links:
                 try:
                     mesh.send_json(
-                        0, wire.Kind.CONTROL, {"type": "step_failed", "reason": str(exc)}
+                        0,
+                        wire.Kind.CONTROL,
+                        {"type": "step_failed", "reason": str(exc)},
                     )
                 except PeerLost:
                     pass
@@ -325,7 +327,9 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
                 )
                 return 2
             logger.info(
-                "serving the OpenAI API on http://%s:%d/v1", cfg.http_host, cfg.http_port
+                "serving the OpenAI API on http://%s:%d/v1",
+                cfg.http_host,
+                cfg.http_port,
             )
         else:
             tasks.append(
@@ -412,7 +416,9 @@ def create_secret(path: str) -> None:
         f.write(os.urandom(32).hex())
 
 
-def setup_logging(rank: int | None, level: str = "INFO", log_file: str | None = None) -> None:
+def setup_logging(
+    rank: int | None, level: str = "INFO", log_file: str | None = None
+) -> None:
     prefix = f"rank {rank} " if rank is not None else ""
     fmt = f"%(asctime)s {prefix}%(name)s %(levelname)s %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -420,5 +426,7 @@ def setup_logging(rank: int | None, level: str = "INFO", log_file: str | None = 
         from logging.handlers import RotatingFileHandler
 
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        handlers.append(RotatingFileHandler(log_file, maxBytes=10_000_000, backupCount=3))
+        handlers.append(
+            RotatingFileHandler(log_file, maxBytes=10_000_000, backupCount=3)
+        )
     logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)

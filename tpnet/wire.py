@@ -177,18 +177,20 @@ def encode_frame(
     view = None if payload is None else memoryview(payload)
     if view is None or view.nbytes == 0:
         # No payload, no padding: the frame ends after its meta (spec 2).
-        return [HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, 0, len(meta), 0, 0, tag) + meta]
+        return [
+            HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, 0, len(meta), 0, 0, tag) + meta
+        ]
     view = view.cast("B")
     if view.nbytes > MAX_PAYLOAD_BYTES:
         raise ValueError(f"payload is {view.nbytes} bytes, limit {MAX_PAYLOAD_BYTES}")
     pad = _payload_offset(len(meta)) - HEADER_SIZE - len(meta)
-    head = HEADER.pack(
-        MAGIC, PROTOCOL_VERSION, kind, 0, len(meta), 0, view.nbytes, tag
-    )
+    head = HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, 0, len(meta), 0, view.nbytes, tag)
     return [head + meta + bytes(pad), view]
 
 
-def encode_json(kind: int, body: dict[str, Any], tag: int = 0, payload: Any = None) -> list[Any]:
+def encode_json(
+    kind: int, body: dict[str, Any], tag: int = 0, payload: Any = None
+) -> list[Any]:
     meta = json.dumps(body, separators=(",", ":")).encode()
     return encode_frame(kind, meta, payload, tag)
 
@@ -271,7 +273,8 @@ def _parse_json_meta(kind: int, meta: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise ProtocolError(
-            "bad_meta", f"kind {kind} meta must be a JSON object, got {type(body).__name__}"
+            "bad_meta",
+            f"kind {kind} meta must be a JSON object, got {type(body).__name__}",
         )
     return body
 
@@ -367,8 +370,14 @@ class FrameReader:
             magic, version, kind, flags, meta_len, reserved, payload_len, tag = (
                 HEADER.unpack_from(self._staging, self._start)
             )
-            self._check_header(magic, version, kind, flags, meta_len, reserved, payload_len)
-            body_len = meta_len if payload_len == 0 else _payload_offset(meta_len) - HEADER_SIZE
+            self._check_header(
+                magic, version, kind, flags, meta_len, reserved, payload_len
+            )
+            body_len = (
+                meta_len
+                if payload_len == 0
+                else _payload_offset(meta_len) - HEADER_SIZE
+            )
             available = self._end - self._start - HEADER_SIZE
             if available < body_len:
                 if HEADER_SIZE + body_len > STAGING_BYTES - self._start:
@@ -433,7 +442,8 @@ class FrameReader:
             raise ProtocolError("unknown_kind", f"unknown message kind {kind}")
         if flags or reserved:
             raise ProtocolError(
-                "bad_header", f"reserved header fields must be 0, got {flags}, {reserved}"
+                "bad_header",
+                f"reserved header fields must be 0, got {flags}, {reserved}",
             )
         if not self.authenticated:
             if kind not in Kind.HANDSHAKE:
@@ -453,7 +463,8 @@ class FrameReader:
             )
         if payload_len > MAX_PAYLOAD_BYTES:
             raise ProtocolError(
-                "too_large", f"payload of {payload_len} bytes exceeds {MAX_PAYLOAD_BYTES}"
+                "too_large",
+                f"payload of {payload_len} bytes exceeds {MAX_PAYLOAD_BYTES}",
             )
 
     def _message(self, kind: int, tag: int, meta: bytes, payload_len: int) -> Message:
@@ -462,7 +473,9 @@ class FrameReader:
             return Message(kind, tag, dtype=dtype, shape=shape)
         if kind in (Kind.PING, Kind.PONG):
             if meta or payload_len:
-                raise ProtocolError("bad_meta", f"kind {kind} carries no meta or payload")
+                raise ProtocolError(
+                    "bad_meta", f"kind {kind} carries no meta or payload"
+                )
             return Message(kind, tag)
         body = _parse_json_meta(kind, meta)
         if payload_len and kind != Kind.STEP:
@@ -511,7 +524,9 @@ def _transcript(
 
 
 def _proof(secret: bytes, role: bytes, transcript: bytes) -> str:
-    return hmac.new(secret, b"tpnet proof " + role + b"\n" + transcript, hashlib.sha256).hexdigest()
+    return hmac.new(
+        secret, b"tpnet proof " + role + b"\n" + transcript, hashlib.sha256
+    ).hexdigest()
 
 
 def _same_proof(received: str, expected: str) -> bool:
@@ -652,7 +667,9 @@ class Handshake:
             )
         _check_compatible(self.local, remote, f"rank {remote.rank}")
         self.remote = remote
-        self._transcript = _transcript(version, nonce_i, self._nonce, remote, self.local)
+        self._transcript = _transcript(
+            version, nonce_i, self._nonce, remote, self.local
+        )
         self._state = "await_proof"
         reply = {
             "version": version,
@@ -674,14 +691,18 @@ class Handshake:
         remote = _peer_info(body, "peer")
         if self.expected_rank is not None and remote.rank != self.expected_rank:
             raise HandshakeRefused(
-                "bad_rank", f"dialled rank {self.expected_rank}, peer is rank {remote.rank}"
+                "bad_rank",
+                f"dialled rank {self.expected_rank}, peer is rank {remote.rank}",
             )
         _check_compatible(self.local, remote, f"rank {remote.rank}")
-        self._transcript = _transcript(version, self._nonce, nonce_r, self.local, remote)
+        self._transcript = _transcript(
+            version, self._nonce, nonce_r, self.local, remote
+        )
         proof = _field(body, "proof", str, "peer")
         if not _same_proof(proof, _proof(self.secret, b"responder", self._transcript)):
             raise HandshakeRefused(
-                "auth_failed", f"rank {remote.rank} failed authentication (wrong secret)"
+                "auth_failed",
+                f"rank {remote.rank} failed authentication (wrong secret)",
             )
         self.remote = remote
         self._state = "await_welcome"
@@ -691,7 +712,9 @@ class Handshake:
     def _on_proof(self, body: dict[str, Any]) -> bytes:
         proof = _field(body, "proof", str, "peer")
         if not _same_proof(proof, _proof(self.secret, b"initiator", self._transcript)):
-            raise HandshakeRefused("auth_failed", "peer failed authentication (wrong secret)")
+            raise HandshakeRefused(
+                "auth_failed", "peer failed authentication (wrong secret)"
+            )
         self._state = "done"
         self.done = True
         return join(encode_json(Kind.WELCOME, {}))

@@ -146,10 +146,16 @@ class Engine:
         }
 
     def admit(self, prompt_len: int, max_tokens: int | None, count: int = 1) -> None:
-        if self._closing or not self.ready or (self.mesh is not None and self.mesh.missing):
+        if (
+            self._closing
+            or not self.ready
+            or (self.mesh is not None and self.mesh.missing)
+        ):
             missing = self.mesh.missing if self.mesh is not None else []
             raise ClusterUnavailable(
-                f"cluster not ready: ranks {missing} missing" if missing else "cluster not ready"
+                f"cluster not ready: ranks {missing} missing"
+                if missing
+                else "cluster not ready"
             )
         if prompt_len + 1 > self.max_context:
             raise ContextTooLong(
@@ -251,7 +257,9 @@ class Engine:
         self._to_free.clear()
         self._to_trim.clear()
         self.ready = True
-        logger.info("cluster of %d ranks ready (epoch %d)", self.mesh.world_size, self.epoch)
+        logger.info(
+            "cluster of %d ranks ready (epoch %d)", self.mesh.world_size, self.epoch
+        )
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.running if s.cancelled]:
@@ -266,7 +274,9 @@ class Engine:
         while self.waiting and len(self.running) < self.limits.max_running:
             self.running.append(self.waiting.popleft())
 
-    def _plan(self) -> tuple[dict[str, Any], np.ndarray, list[tuple[Sequence, int, int]]]:
+    def _plan(
+        self,
+    ) -> tuple[dict[str, Any], np.ndarray, list[tuple[Sequence, int, int]]]:
         budget = self.limits.prefill_chunk
         seqs, chunks, members = [], [], []
         for seq in self.running:
@@ -375,7 +385,9 @@ class Engine:
         token, logprobs = seq.sampler.choose(logits)
         self._deliver(seq, token, logprobs, now)
 
-    def _deliver(self, seq: Sequence, token: int, logprobs: np.ndarray, now: float) -> None:
+    def _deliver(
+        self, seq: Sequence, token: int, logprobs: np.ndarray, now: float
+    ) -> None:
         params = seq.request.sampling
         seq.sampler.accept(token)
         seq.tokens.append(token)
@@ -383,9 +395,11 @@ class Engine:
         finish = None
         if token in seq.request.stop_token_ids:
             finish = "stop"
-        elif seq.request.max_tokens is not None and seq.generated >= seq.request.max_tokens:
-            finish = "length"
-        elif len(seq.tokens) >= self.max_context:
+        elif (
+            seq.request.max_tokens is not None
+            and seq.generated >= seq.request.max_tokens
+            or len(seq.tokens) >= self.max_context
+        ):
             finish = "length"
         output = TokenOutput(
             token_id=token,

@@ -37,7 +37,9 @@ class Sampler:
         if p.repetition_penalty != 1.0 and self.seen:
             ids = np.fromiter(self.seen, dtype=np.int64)
             vals = x[ids]
-            x[ids] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            x[ids] = np.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
         if (p.presence_penalty or p.frequency_penalty) and self.generated:
             ids = np.fromiter(self.generated.keys(), dtype=np.int64)
             counts = np.fromiter(self.generated.values(), dtype=np.float32)

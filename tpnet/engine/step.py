@@ -37,9 +37,13 @@ def _int_list(value: Any, what: str, width: int) -> list[list[int]]:
         if (
             not isinstance(item, list)
             or len(item) != width
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in item)
+            or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in item
+            )
         ):
-            raise BadStep(f"{what} entries must be {width} non-negative integers, got {item!r}")
+            raise BadStep(
+                f"{what} entries must be {width} non-negative integers, got {item!r}"
+            )
         out.append(item)
     return out
 

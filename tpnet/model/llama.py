@@ -19,7 +19,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from tpnet.model.loader import ModelConfig, ModelSpec
-from tpnet.model.shard import LinearWeights, ShardPlan, SliceLoader
+from tpnet.model.shard import ShardPlan, SliceLoader
 
 AllSum = Callable[[mx.array], Awaitable[mx.array]]
 
@@ -43,7 +43,9 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 
 
 class Attention:
-    def __init__(self, cfg: ModelConfig, plan: ShardPlan, load: SliceLoader, p: str) -> None:
+    def __init__(
+        self, cfg: ModelConfig, plan: ShardPlan, load: SliceLoader, p: str
+    ) -> None:
         d = cfg.head_dim
         q0, q1 = plan.q_heads
         k0, k1 = plan.kv_heads
@@ -124,12 +126,16 @@ class MLP:
 
 
 class Block:
-    def __init__(self, cfg: ModelConfig, plan: ShardPlan, load: SliceLoader, i: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, plan: ShardPlan, load: SliceLoader, i: int
+    ) -> None:
         p = f"model.layers.{i}."
         self.self_attn = Attention(cfg, plan, load, p + "self_attn.")
         self.mlp = MLP(plan, load, p + "mlp.")
         self.input_layernorm = load.vector(p + "input_layernorm.weight")
-        self.post_attention_layernorm = load.vector(p + "post_attention_layernorm.weight")
+        self.post_attention_layernorm = load.vector(
+            p + "post_attention_layernorm.weight"
+        )
         self.eps = cfg.rms_norm_eps
 
 
@@ -193,7 +199,15 @@ class ShardedModel:
             out += self.lm_head.arrays()
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
-            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            for lin in (
+                a.q_proj,
+                a.k_proj,
+                a.v_proj,
+                a.o_proj,
+                m.gate_proj,
+                m.up_proj,
+                m.down_proj,
+            ):
                 out += lin.arrays()
             out += [layer.input_layernorm, layer.post_attention_layernorm]
         return out

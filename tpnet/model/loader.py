@@ -101,7 +101,9 @@ def load_model(path: str | None) -> ModelSpec:
     )
 
 
-def _fingerprint(config: ModelConfig, tensors: dict[str, mx.array], files: list[str]) -> str:
+def _fingerprint(
+    config: ModelConfig, tensors: dict[str, mx.array], files: list[str]
+) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(config.as_dict(), sort_keys=True).encode())
     for name in sorted(tensors):
@@ -206,9 +208,7 @@ def _load_folder(path: str) -> ModelSpec:
             tie_word_embeddings=bool(
                 raw.get("tie_word_embeddings", "lm_head.weight" not in tensors)
             ),
-            attention_bias=bool(
-                raw.get("attention_bias", arch == "qwen2")
-            ),
+            attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
             qk_norm=arch == "qwen3",
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -350,7 +350,9 @@ def _load_gguf(path: str) -> ModelSpec:
     )
 
 
-def _check_tensors(config: ModelConfig, tensors: dict[str, mx.array], path: str) -> None:
+def _check_tensors(
+    config: ModelConfig, tensors: dict[str, mx.array], path: str
+) -> None:
     needed = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(config.num_layers):
         p = f"model.layers.{i}."

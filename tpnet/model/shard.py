@@ -83,7 +83,9 @@ def plan_shard(
         kv = (q[0] // group, -(-q[1] // group))
     if config.intermediate_size % mlp_unit:
         mlp_unit = 1
-    mlp = _range(split_units(config.intermediate_size // mlp_unit, weights), rank, mlp_unit)
+    mlp = _range(
+        split_units(config.intermediate_size // mlp_unit, weights), rank, mlp_unit
+    )
     vocab = _range(split_units(config.vocab_size, weights), rank)
     return ShardPlan(rank, world_size, q, kv, mlp, vocab)
 
@@ -135,7 +137,11 @@ class LinearWeights:
         )
 
     def arrays(self) -> list[mx.array]:
-        return [a for a in (self.weight, self.scales, self.biases, self.bias) if a is not None]
+        return [
+            a
+            for a in (self.weight, self.scales, self.biases, self.bias)
+            if a is not None
+        ]
 
 
 class SliceLoader:
@@ -187,7 +193,9 @@ class SliceLoader:
                     )
                 per_word = 32 // bits if 32 % bits == 0 else None
                 if per_word is None:
-                    raise ModelError(f"{name}: {bits}-bit weights cannot be column-split")
+                    raise ModelError(
+                        f"{name}: {bits}-bit weights cannot be column-split"
+                    )
                 weight = weight[:, cols[0] // per_word : cols[1] // per_word]
                 scales = scales[:, cols[0] // group : cols[1] // group]
                 biases = biases[:, cols[0] // group : cols[1] // group]
