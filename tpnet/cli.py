@@ -89,7 +89,6 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
         help="seconds of silence before a rank is declared lost",
     )
     p.add_argument("--log-level", default="INFO")
-    p.add_argument("--cluster", help="cluster file (TOML); settings there are defaults")
 
 
 def _limits(args: argparse.Namespace) -> EngineLimits:
@@ -309,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port (rank 0)"
     )
     node.add_argument("--log-file", help="also log to this rotating file")
+    node.add_argument(
+        "--cluster", help="cluster file (TOML); command-line options override it"
+    )
     _add_serving_options(node)
     node.set_defaults(func=cmd_node)
 
