@@ -25,7 +25,12 @@ import numpy as np
 from tpnet import wire
 from tpnet.collective import StepAborted
 from tpnet.engine.sampling import Sampler, top_alternatives
-from tpnet.engine.speculative import DraftLength, DraftModel, PromptLookup
+from tpnet.engine.speculative import (
+    DraftLength,
+    DraftModel,
+    PromptLookup,
+    accept_or_replace,
+)
 from tpnet.engine.step import StepRunner
 from tpnet.engine.types import (
     ClusterUnavailable,
@@ -355,11 +360,9 @@ class Engine:
                 probs = seq.sampler.probabilities(rows[i])
                 adjusted = seq.sampler.adjust(rows[i])
                 logprobs = adjusted - np.logaddexp.reduce(adjusted)
-                if seq.sampler.uniform() < probs[draft]:
-                    token = draft
-                else:
-                    probs[draft] = 0.0
-                    token = seq.sampler.draw_from(probs)
+                token = accept_or_replace(
+                    probs, draft, seq.sampler.uniform(), seq.sampler.draw_from
+                )
             self._deliver(seq, token, logprobs, now)
             if token != draft:
                 break

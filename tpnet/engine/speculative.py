@@ -17,6 +17,7 @@ Drafters:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -44,6 +45,20 @@ class PromptLookup:
                 start = int(hits[-1]) + n
                 return arr[start : start + count].tolist()
         return []
+
+
+def accept_or_replace(
+    probs: np.ndarray, draft: int, uniform: float, draw: Callable[[np.ndarray], int]
+) -> int:
+    """One step of rejection sampling for a deterministic drafter (whose
+    proposal distribution puts all mass on `draft`): keep the draft with
+    probability p(draft), else draw from p with the draft removed. The token
+    returned is distributed exactly as p."""
+    if uniform < probs[draft]:
+        return draft
+    rest = probs.copy()
+    rest[draft] = 0.0
+    return draw(rest)
 
 
 @dataclass
