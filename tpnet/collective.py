@@ -72,6 +72,7 @@ class Collective:
         self._waiter: asyncio.Future[None] | None = None
         self._waiting_for: list[int] = []
         self._retired: collections.deque[int] = collections.deque(maxlen=64)
+        self._aborted: str | None = None
         # Measured per all-reduce for /metrics: seconds, bytes.
         self.latencies: collections.deque[float] = collections.deque(maxlen=4096)
         mesh.tensor_listeners.append(self._on_tensor)
@@ -86,6 +87,7 @@ class Collective:
         self._retired.append(self.epoch)
         self.epoch = epoch
         self._op = 0
+        self._aborted = None
         for rank in self.mesh.tensors:
             self._drop_retired(rank)
 
@@ -101,9 +103,12 @@ class Collective:
             queue.popleft()
 
     def abort(self, reason: str) -> None:
-        """Fail the collective this rank is waiting in (the step is void)."""
+        """Void the current step: fail the collective this rank waits in, or,
+        if it is not waiting yet, the next one it waits in this epoch."""
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(StepAborted(reason))
+        else:
+            self._aborted = reason
 
     def _on_tensor(self, rank: int) -> None:
         self._drop_retired(rank)
@@ -126,6 +131,9 @@ class Collective:
 
     async def _receive(self, ranks: list[int], tag: int) -> dict[int, wire.Message]:
         self._waiting_for = ranks
+        if self._aborted is not None:
+            reason, self._aborted = self._aborted, None
+            raise StepAborted(reason)
         for r in ranks:
             if r not in self.mesh.links:
                 raise PeerLost(r, "not connected")

@@ -181,6 +181,10 @@ async def _run_steps(
         )
         try:
             validate_step(msg.meta, tokens, vocab)
+            if mesh.missing:
+                # Rank 0 saw every rank join it, but this rank's links to the
+                # other workers may still be forming: wait for them briefly.
+                await mesh.wait_complete(mesh.peer_timeout_s)
             await runner.run(msg.meta, tokens)
         except BadStep as exc:
             logger.error("bad step from rank 0: %s; closing the link", exc)
@@ -189,9 +193,10 @@ async def _run_steps(
                 link.close(f"bad step: {exc}")
         except StepAborted as exc:
             logger.warning("step aborted: %s", exc)
-        except PeerLost as exc:
+        except (PeerLost, TimeoutError) as exc:
+            # TimeoutError: links to other workers did not form in time.
             logger.warning("step failed: %s", exc)
-            if exc.rank != 0 and 0 in mesh.links:
+            if getattr(exc, "rank", None) != 0 and 0 in mesh.links:
                 try:
                     mesh.send_json(
                         0,

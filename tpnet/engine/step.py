@@ -73,12 +73,12 @@ class StepRunner:
     def __init__(self, model: ShardedModel, collective: Collective) -> None:
         self.model = model
         self.collective = collective
-        self.caches: dict[int, list[Any]] = {}
+        self.cache = model.new_cache()
         self.epoch = 0
 
     def begin_epoch(self, epoch: int) -> None:
         """A new cluster epoch: caches of the old one are meaningless."""
-        self.caches.clear()
+        self.cache.clear()
         self.collective.reset(epoch)
         self.epoch = epoch
 
@@ -86,24 +86,30 @@ class StepRunner:
         """Run the step; rank 0 gets float32 logits [rows, vocab]."""
         if body["epoch"] != self.epoch:
             self.begin_epoch(body["epoch"])
+        cache = self.cache
         for slot in body.get("free", []):
-            self.caches.pop(slot, None)
+            cache.free(slot)
         for slot, count in body.get("trim", []):
-            for layer_cache in self.caches.get(slot, []):
-                layer_cache.trim(count)
+            cache.trim(slot, count)
         segments = []
         rows: list[int] = []
         start = 0
+        needed = 0
         for slot, n, sample_rows in body["seqs"]:
-            cache = self.caches.get(slot)
-            if cache is None:
-                cache = self.caches[slot] = self.model.new_cache()
-            segments.append(Segment(start, n, cache))
+            if slot not in cache:
+                cache.open(slot)
+            offset = cache.length[slot]
+            segments.append(Segment(start, n, cache.row_of[slot], offset))
+            cache.length[slot] = offset + n
+            needed = max(needed, offset + n)
             rows.extend(range(start + n - sample_rows, start + n))
             start += n
         if not segments:
             return None
-        hidden = await self.model.forward(mx.array(tokens, dtype=mx.int32), segments)
+        cache.reserve(needed)
+        hidden = await self.model.forward(
+            mx.array(tokens, dtype=mx.int32), segments, cache
+        )
         if rows:
             local = self.model.logits(hidden[mx.array(rows)])
         else:

@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
+from tpnet.model.kvcache import SlotCache
 from tpnet.model.loader import ModelConfig, ModelSpec
 from tpnet.model.shard import ShardPlan, SliceLoader
 
@@ -27,15 +27,12 @@ AllSum = Callable[[mx.array], Awaitable[mx.array]]
 @dataclass
 class Segment:
     """One sequence's rows in the step: rows [start, start+length) of the
-    batch, appended to `cache` (one KVCache per layer)."""
+    batch, written to its cache row at positions [offset, offset+length)."""
 
     start: int
     length: int
-    cache: list[KVCache]
-
-
-def new_cache(num_layers: int) -> list[KVCache]:
-    return [KVCache() for _ in range(num_layers)]
+    row: int
+    offset: int
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -79,7 +76,9 @@ class Attention:
             cfg.max_position_embeddings,
         )
 
-    def __call__(self, x: mx.array, segments: list[Segment], layer: int) -> mx.array:
+    def __call__(
+        self, x: mx.array, segments: list[Segment], layer: int, cache: SlotCache
+    ) -> mx.array:
         # x: [T, hidden] -> partial o_proj output [T, hidden]
         d = self.head_dim
         q = self.q_proj(x).reshape(-1, self.n_heads, d)
@@ -88,29 +87,79 @@ class Attention:
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
-        outs = []
+        decode = [s for s in segments if s.length == 1]
+        if len(decode) == len(segments):
+            out = self._decode(q, k, v, decode, layer, cache)
+            return self.o_proj(out.reshape(len(segments), -1))
+        pieces = []
+        decoded = self._decode(q, k, v, decode, layer, cache) if decode else None
+        j = 0
         for seg in segments:
-            rows = slice(seg.start, seg.start + seg.length)
-            # [L, heads, d] -> [1, heads, L, d]
-            qs = q[rows].transpose(1, 0, 2)[None]
-            ks = k[rows].transpose(1, 0, 2)[None]
-            vs = v[rows].transpose(1, 0, 2)[None]
-            cache = seg.cache[layer]
-            qs = self.rope(qs, offset=cache.offset)
-            ks = self.rope(ks, offset=cache.offset)
-            keys, values = cache.update_and_fetch(ks, vs)
-            if self.kv_index is not None:
-                keys, values = keys[:, self.kv_index], values[:, self.kv_index]
-            o = mx.fast.scaled_dot_product_attention(
-                qs,
-                keys,
-                values,
-                scale=self.scale,
-                mask="causal" if seg.length > 1 else None,
-            )
-            outs.append(o[0].transpose(1, 0, 2).reshape(seg.length, -1))
-        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
-        return self.o_proj(out)
+            if seg.length == 1:
+                pieces.append(decoded[j : j + 1].reshape(1, -1))
+                j += 1
+            else:
+                pieces.append(self._span(q, k, v, seg, layer, cache))
+        return self.o_proj(mx.concatenate(pieces, axis=0))
+
+    def _decode(
+        self,
+        q: mx.array,
+        k: mx.array,
+        v: mx.array,
+        segs: list[Segment],
+        layer: int,
+        cache: SlotCache,
+    ) -> mx.array:
+        """One new token for each of several sequences, attended together:
+        [B, heads, d] in, [B, heads, d] out."""
+        starts = [s.start for s in segs]
+        if starts != list(range(q.shape[0])):
+            index = mx.array(starts)
+            q, k, v = q[index], k[index], v[index]
+        offsets = mx.array([s.offset for s in segs])
+        rows_list = [s.row for s in segs]
+        rows = mx.array(rows_list)
+        # [B, heads, 1, d], each sequence rotated at its own position
+        q = self.rope(q[:, :, None, :], offset=offsets)
+        k = self.rope(k[:, :, None, :], offset=offsets)
+        cache.write_positions(layer, rows, offsets, k[:, :, 0, :], v)
+        keys, values = cache.keys[layer], cache.values[layer]
+        if rows_list == list(range(len(rows_list))):
+            keys, values = keys[: len(rows_list)], values[: len(rows_list)]
+        else:
+            keys, values = keys[rows], values[rows]
+        if self.kv_index is not None:
+            keys, values = keys[:, self.kv_index], values[:, self.kv_index]
+        # Positions past each sequence's length hold stale or no data.
+        visible = mx.arange(cache.capacity)[None, :] <= offsets[:, None]
+        o = mx.fast.scaled_dot_product_attention(
+            q, keys, values, scale=self.scale, mask=visible[:, None, None, :]
+        )
+        return o[:, :, 0, :]
+
+    def _span(
+        self,
+        q: mx.array,
+        k: mx.array,
+        v: mx.array,
+        seg: Segment,
+        layer: int,
+        cache: SlotCache,
+    ) -> mx.array:
+        """Several new tokens of one sequence (a prompt chunk or drafts)."""
+        rows = slice(seg.start, seg.start + seg.length)
+        # [L, heads, d] -> [1, heads, L, d]
+        qs = self.rope(q[rows].transpose(1, 0, 2)[None], offset=seg.offset)
+        ks = self.rope(k[rows].transpose(1, 0, 2)[None], offset=seg.offset)
+        vs = v[rows].transpose(1, 0, 2)
+        keys, values = cache.write_span(layer, seg.row, seg.offset, ks[0], vs)
+        if self.kv_index is not None:
+            keys, values = keys[:, self.kv_index], values[:, self.kv_index]
+        o = mx.fast.scaled_dot_product_attention(
+            qs, keys, values, scale=self.scale, mask="causal"
+        )
+        return o[0].transpose(1, 0, 2).reshape(seg.length, -1)
 
 
 class MLP:
@@ -165,8 +214,12 @@ class ShardedModel:
         else:
             self.lm_head = load.linear("lm_head", rows=plan.vocab)
 
-    def new_cache(self) -> list[KVCache]:
-        return new_cache(self.config.num_layers)
+    def new_cache(self) -> SlotCache:
+        """An empty KV cache for this rank's KV heads."""
+        attn = self.layers[0].self_attn
+        return SlotCache(
+            self.config.num_layers, attn.n_kv_heads, attn.head_dim, self.dtype
+        )
 
     async def embed(self, tokens: mx.array) -> mx.array:
         # tokens: [T] int32 -> [T, hidden]; each rank looks up its vocabulary
@@ -179,12 +232,14 @@ class ShardedModel:
         rows = self.embed_tokens.rows(mx.where(inside, local, 0)).astype(self.dtype)
         return await self.all_sum(rows * inside[:, None])
 
-    async def forward(self, tokens: mx.array, segments: list[Segment]) -> mx.array:
+    async def forward(
+        self, tokens: mx.array, segments: list[Segment], cache: SlotCache
+    ) -> mx.array:
         """Hidden states after the final norm, [T, hidden]."""
         h = await self.embed(tokens)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_layernorm, layer.eps)
-            h = h + await self.all_sum(layer.self_attn(x, segments, i))
+            h = h + await self.all_sum(layer.self_attn(x, segments, i, cache))
             x = rms_norm(h, layer.post_attention_layernorm, layer.eps)
             h = h + await self.all_sum(layer.mlp(x))
         return rms_norm(h, self.norm, self.config.rms_norm_eps)
