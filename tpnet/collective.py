@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -73,8 +74,8 @@ class Collective:
         self._waiting_for: list[int] = []
         self._retired: collections.deque[int] = collections.deque(maxlen=64)
         self._aborted: str | None = None
-        # Measured per all-reduce for /metrics: seconds, bytes.
-        self.latencies: collections.deque[float] = collections.deque(maxlen=4096)
+        # Called with the seconds of every all-reduce (rank 0's metrics).
+        self.on_latency: Callable[[float], None] | None = None
         mesh.tensor_listeners.append(self._on_tensor)
         mesh.lost_listeners.append(self._on_lost)
 
@@ -189,7 +190,8 @@ class Collective:
             for a in arrays[2:]:
                 np.add(acc, a, out=acc)
             total = mx.array(acc)
-        self.latencies.append(time.perf_counter() - started)
+        if self.on_latency is not None:
+            self.on_latency(time.perf_counter() - started)
         return total
 
     async def gather(self, x: mx.array) -> list[mx.array] | None:

@@ -117,6 +117,7 @@ class Metrics:
             registry=r,
         )
         self.worker_stats: dict[int, dict[str, Any]] = {}
+        collective.on_latency = self.allreduce.observe
         psutil.Process(os.getpid()).cpu_percent(None)  # prime the CPU counter
 
     # events from the api layer ------------------------------------------------
@@ -141,9 +142,6 @@ class Metrics:
             self.queue_depth.set(len(self.engine.waiting))
             self.running.set(len(self.engine.running))
             self.steps.set(self.engine.steps)
-        latencies = self.collective.latencies
-        while latencies:
-            self.allreduce.observe(latencies.popleft())
         world = self.collective.world_size
         if self.mesh is not None:
             self.ranks_connected.set(1 + len(self.mesh.links))

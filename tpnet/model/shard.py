@@ -145,7 +145,11 @@ class LinearWeights:
 
 
 class SliceLoader:
-    """Cuts this rank's slices out of the lazily loaded tensors of a spec."""
+    """Cuts this rank's slices out of the lazily loaded tensors of a spec.
+
+    It consumes them: each full tensor is removed from `spec.tensors` as its
+    slice is taken, so that once read (and evaluated) it can be freed; a rank
+    never holds the whole model at once, only one full tensor at a time."""
 
     def __init__(self, spec: ModelSpec, dtype: mx.Dtype, dequantize: bool) -> None:
         self.spec = spec
@@ -153,7 +157,7 @@ class SliceLoader:
         self.dequantize = dequantize
 
     def vector(self, name: str) -> mx.array:
-        return self._materialise(self.spec.tensors[name].astype(self.dtype))
+        return self._materialise(self.spec.tensors.pop(name).astype(self.dtype))
 
     def _materialise(self, x: mx.array) -> mx.array:
         # A copy detaches the slice from the full tensor, so the full tensor's
@@ -170,11 +174,12 @@ class SliceLoader:
         with_bias: bool = True,
     ) -> LinearWeights:
         t = self.spec.tensors
-        weight = t[name + ".weight"]
+        weight = t.pop(name + ".weight")
         quant = self.spec.quantization.get(name)
-        scales = t.get(name + ".scales")
-        biases = t.get(name + ".biases")
-        bias = t.get(name + ".bias") if with_bias else None
+        scales = t.pop(name + ".scales", None)
+        biases = t.pop(name + ".biases", None)
+        bias = t.pop(name + ".bias", None)
+        bias = bias if with_bias else None
         if rows is not None:
             weight = weight[rows[0] : rows[1]]
             if scales is not None:
