@@ -88,6 +88,13 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
         default=3.0,
         help="seconds of silence before a rank is declared lost",
     )
+    p.add_argument(
+        "--spin-us",
+        type=float,
+        default=None,
+        help="poll links this long before sleeping in an exchange "
+        "(default: 300 when each rank on this machine has a core, else 0)",
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -147,6 +154,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         rank_weights=_weights(args.rank_weights),
         limits=_limits(args),
         draft_model=args.draft_model,
+        spin_us=args.spin_us,
         heartbeat_s=args.heartbeat,
         peer_timeout_s=args.peer_timeout,
     )
@@ -202,6 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             str(args.peer_timeout),
             "--speculative-tokens",
             str(args.speculative_tokens),
+            *(["--spin-us", str(args.spin_us)] if args.spin_us is not None else []),
         ]
         if args.draft_model:
             cmd += ["--draft-model", args.draft_model]

@@ -64,8 +64,14 @@ class Collective:
     PeerLost; `reset(epoch)` starts a fresh operation sequence after the
     cluster re-forms."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Mesh, spin_s: float = 0.0) -> None:
         self.mesh = mesh
+        # How long to poll the links before sleeping in a collective. A rank
+        # that sleeps is woken by the kernel when its peer's part arrives,
+        # which on a virtual machine can take a few hundred microseconds per
+        # exchange; polling for a short while avoids that, at the price of a
+        # busy core, so it is only worth it when each rank has a core.
+        self.spin_s = spin_s
         self.rank = mesh.rank
         self.world_size = mesh.world_size
         self.epoch = 0
@@ -127,6 +133,16 @@ class Collective:
         if waiter is not None and not waiter.done() and rank in self._waiting_for:
             waiter.set_exception(PeerLost(rank, reason))
 
+    def _spin(self, ranks: list[int]) -> None:
+        deadline = time.perf_counter() + self.spin_s
+        while time.perf_counter() < deadline:
+            for r in ranks:
+                link = self.mesh.links.get(r)
+                if not self.mesh.tensors[r] and link is not None:
+                    link.poll()
+            if self._ready() or self._aborted is not None:
+                return
+
     def _ready(self) -> bool:
         return all(self.mesh.tensors[r] for r in self._waiting_for)
 
@@ -139,6 +155,14 @@ class Collective:
             if r not in self.mesh.links:
                 raise PeerLost(r, "not connected")
             self._on_tensor(r)
+        if self.spin_s and not self._ready():
+            self._spin(ranks)
+            if self._aborted is not None:
+                reason, self._aborted = self._aborted, None
+                raise StepAborted(reason)
+            for r in ranks:
+                if r not in self.mesh.links:
+                    raise PeerLost(r, "lost while polling")
         if not self._ready():
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -203,6 +227,9 @@ class Collective:
             dtype, shape, buf = to_buffer(x)
             self.mesh.send(0, wire.encode_tensor(tag, dtype, shape, buf))
             return None
+        # Compute this rank's part before waiting, so that it overlaps with
+        # the others' instead of following them.
+        mx.eval(x)
         others = list(range(1, self.world_size))
         parts = await self._receive(others, tag)
         return [x] + [from_message(parts[r]) for r in others]

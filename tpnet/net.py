@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +90,7 @@ class Link(asyncio.BufferedProtocol):
         self.bytes_sent = 0
         self._write_ok = asyncio.Event()
         self._write_ok.set()
+        self._poll_sock: socket.socket | None = None
 
     # asyncio protocol callbacks -------------------------------------------
 
@@ -97,9 +100,13 @@ class Link(asyncio.BufferedProtocol):
         self.peer_addr = f"{peer[0]}:{peer[1]}" if peer else "?"
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            import socket
-
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A second handle on the same socket, for poll(): reading it
+            # while the loop is not running cannot race the transport's reads.
+            try:
+                self._poll_sock = socket.socket(fileno=os.dup(sock.fileno()))
+            except OSError:
+                self._poll_sock = None
         if self.handshake.initiator:
             transport.write(self.handshake.start())
 
@@ -127,6 +134,22 @@ class Link(asyncio.BufferedProtocol):
             self.close(f"protocol error: {exc}")
         except wire.HandshakeRefused as exc:
             self._refused(exc)
+
+    def poll(self) -> bool:
+        """Take whatever bytes have arrived, without blocking or yielding to
+        the loop (for collectives that spin briefly before sleeping).
+        Returns whether any arrived."""
+        sock = self._poll_sock
+        if sock is None or self.closed:
+            return False
+        try:
+            n = sock.recv_into(self.reader.get_buffer(), 0, socket.MSG_DONTWAIT)
+        except OSError:  # nothing there yet (EAGAIN), or the link broke
+            return False
+        if n == 0:
+            return False  # end of stream: the transport reports it
+        self.buffer_updated(n)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close("connection closed" if exc is None else f"connection error: {exc}")
@@ -199,6 +222,9 @@ class Link(asyncio.BufferedProtocol):
         if self.closed:
             return
         self.closed = True
+        if self._poll_sock is not None:
+            self._poll_sock.close()
+            self._poll_sock = None
         if self.transport is not None:
             self.transport.abort() if "protocol" in reason else self.transport.close()
         if (

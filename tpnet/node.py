@@ -54,6 +54,7 @@ class NodeConfig:
     peer_timeout_s: float = 3.0
     model_id: str | None = None
     draft_model: str | None = None
+    spin_us: float | None = None  # None: decide from the ranks on this machine
 
     @property
     def world_size(self) -> int:
@@ -235,7 +236,7 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
         cfg.heartbeat_s,
         cfg.peer_timeout_s,
     )
-    collective = Collective(mesh)
+    collective = Collective(mesh, spin_seconds(cfg))
     try:
         model = build_model(spec, cfg, collective.all_sum)
     except ModelError as exc:
@@ -386,6 +387,24 @@ def dequantize_by_default() -> bool:
     from tpnet import blas
 
     return sys.platform == "linux" and blas.loaded is not None
+
+
+# Polling a collective's links this long before sleeping saves the kernel's
+# wake-up of a sleeping rank (hundreds of microseconds on a virtual machine);
+# a decode step's exchanges are spaced about a millisecond apart.
+DEFAULT_SPIN_US = 300.0
+
+
+def spin_seconds(cfg: NodeConfig) -> float:
+    """Spin only when every rank on this machine has a core of its own:
+    spinning ranks that share a core would steal it from each other."""
+    if cfg.spin_us is not None:
+        return cfg.spin_us / 1e6
+    from tpnet.cluster import is_local, local_addresses
+
+    mine = local_addresses()
+    local_ranks = sum(1 for a in cfg.addresses if is_local(a.host, mine))
+    return DEFAULT_SPIN_US / 1e6 if local_ranks <= (os.cpu_count() or 1) else 0.0
 
 
 def read_secret(path: str | None) -> bytes:
