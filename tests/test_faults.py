@@ -248,7 +248,19 @@ def test_a_rank_with_another_model_is_refused_on_both_sides(tmp_path, tiny):
     assert status == 503 and health["missing_ranks"] == [1]
 
 
-def test_a_flood_of_silent_connections_does_not_stop_the_cluster(cluster):
+def _closed_by_server(s: socket.socket) -> bool:
+    s.settimeout(0.05)
+    try:
+        return s.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_a_flood_of_silent_connections_is_refused_and_the_cluster_keeps_serving(
+    cluster,
+):
     sockets = []
     try:
         for _ in range(40):
@@ -257,14 +269,48 @@ def test_a_flood_of_silent_connections_does_not_stop_the_cluster(cluster):
                     ("127.0.0.1", cluster.peer_ports[0]), timeout=5
                 )
             )
-
+        time.sleep(1.0)
+        closed_at_once = sum(_closed_by_server(s) for s in sockets)
         status, body = chat(cluster)
+        time.sleep(6.0)  # past the handshake timeout
+        closed_later = sum(_closed_by_server(s) for s in sockets)
     finally:
         for s in sockets:
             s.close()
 
+    assert closed_at_once >= 40 - 16, "connections over the pending limit stay open"
+    assert closed_later == 40, "silent connections outlive the handshake timeout"
     assert status == 200, body
     assert cluster.health()[0] == 200
+    assert "handshakes already pending" in cluster.log(0)
+
+
+def test_one_request_with_extreme_sampling_options_disturbs_no_other(cluster):
+    stream = Stream(cluster, max_tokens=200)
+    assert stream.started.wait(30), stream.events
+
+    answers = [
+        cluster.post(
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 3,
+                **options,
+            },
+            timeout=60,
+        )
+        for options in (
+            {"temperature": 1e-300},
+            {"top_p": 1e-46},
+            {"repetition_penalty": 1e-300, "logprobs": True, "top_logprobs": 2},
+            {"seed": -1},
+        )
+    ]
+    stream.ended.wait(60)
+
+    assert [status for status, _ in answers] == [200, 200, 200, 200], answers
+    assert stream.error is None, stream.error
+    assert "[DONE]" in stream.events
 
 
 def test_a_rank_that_cannot_load_its_model_exits_2_and_rank_0_says_so(tmp_path, tiny):

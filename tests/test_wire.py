@@ -1065,3 +1065,14 @@ def test_the_fuzzer_runs_for_two_seconds_and_finds_nothing(tmp_path: Path) -> No
     findings = json.loads(report.read_text())["findings"] if report.exists() else []
     assert not findings, result.stdout + result.stderr
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_responder_refuses_a_lower_rank_that_dials_it() -> None:
+    resp = wire.Handshake(b"s" * 32, wire.PeerInfo(1, 3, "fp"), initiator=False)
+    ini = wire.Handshake(b"s" * 32, wire.PeerInfo(0, 3, "fp"), initiator=True)
+
+    with pytest.raises(HandshakeRefused) as refused:
+        resp.receive(wire.FrameReader().feed(ini.start())[0])
+
+    assert refused.value.code == "bad_rank"
+    assert "only higher ranks dial lower ones" in str(refused.value)

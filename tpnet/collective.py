@@ -104,6 +104,24 @@ class Collective:
 
     # waiting for parts --------------------------------------------------------
 
+    def _misbehaved(self, rank: int, what: str) -> None:
+        """A peer broke the collective protocol: drop its link (the cluster
+        re-forms without it until it reconnects) and fail the step."""
+        link = self.mesh.links.get(rank)
+        if link is not None:
+            link.close(f"rank {rank} {what}")
+        raise PeerLost(rank, what)
+
+    def _check_part(
+        self, rank: int, msg: wire.Message, dtype: str, shape: tuple[int, ...]
+    ) -> None:
+        if msg.dtype != dtype or msg.shape != shape:
+            self._misbehaved(
+                rank,
+                f"sent a {msg.dtype} tensor of shape {msg.shape}, "
+                f"expected {dtype} of shape {shape}",
+            )
+
     def _drop_retired(self, rank: int) -> None:
         queue = self.mesh.tensors[rank]
         while queue and queue[0].tag >> EPOCH_SHIFT in self._retired:
@@ -172,6 +190,11 @@ class Collective:
         for r in ranks:
             head = self.mesh.tensors[r][0].tag
             if head >> EPOCH_SHIFT != self.epoch:
+                if self.rank == 0:
+                    # Rank 0 starts every epoch: no peer can be ahead of it.
+                    self._misbehaved(
+                        r, f"sent a tensor of unknown epoch {head >> EPOCH_SHIFT}"
+                    )
                 # The peer has moved on to a new epoch: this step is void.
                 raise StepAborted(f"rank {r} is in epoch {head >> EPOCH_SHIFT}")
             if head != tag:
@@ -194,6 +217,8 @@ class Collective:
         for r in others:
             self.mesh.send(r, frame)
         parts = await self._receive(others, tag)
+        for r, msg in parts.items():
+            self._check_part(r, msg, dtype, shape)
         if dtype == "bfloat16":  # numpy has no bfloat16: add in MLX
             mx_parts = [
                 x if r == self.rank else from_message(parts[r])
@@ -218,8 +243,11 @@ class Collective:
             self.on_latency(time.perf_counter() - started)
         return total
 
-    async def gather(self, x: mx.array) -> list[mx.array] | None:
-        """Rank 0 gets every rank's x in rank order; other ranks get None."""
+    async def gather(
+        self, x: mx.array, expected_columns: list[int] | None = None
+    ) -> list[mx.array] | None:
+        """Rank 0 gets every rank's x [rows, columns] in rank order; other
+        ranks get None. `expected_columns[r]` is rank r's column count."""
         if self.world_size == 1:
             return [x]
         tag = self._next_tag()
@@ -232,6 +260,11 @@ class Collective:
         mx.eval(x)
         others = list(range(1, self.world_size))
         parts = await self._receive(others, tag)
+        if expected_columns is not None:
+            for r, msg in parts.items():
+                self._check_part(
+                    r, msg, _MX_DTYPE_NAME[x.dtype], (x.shape[0], expected_columns[r])
+                )
         return [x] + [from_message(parts[r]) for r in others]
 
     async def broadcast(self, x: mx.array | None) -> mx.array:

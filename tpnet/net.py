@@ -39,6 +39,9 @@ DIAL_RETRY_MAX_S = 1.0
 # Frames for the runtime waiting to be read; rank 0 sends one step at a time,
 # so a full inbox means a peer is misbehaving.
 MAX_INBOX = 1024
+# Tensors a peer may send before this rank consumes them: a step has at most
+# a couple of collectives in flight per peer, so 64 means misbehaviour.
+MAX_QUEUED_TENSORS = 64
 
 
 class PeerLost(Exception):
@@ -86,6 +89,8 @@ class Link(asyncio.BufferedProtocol):
         self.last_rx = time.monotonic()
         self.closed = False
         self.reported = False  # a log line already says why this link ended
+        self.refused = False  # over the limit of pending handshakes
+        self.frame_started: float | None = None  # when a partial frame began
         self.authenticated = asyncio.get_running_loop().create_future()
         self.bytes_sent = 0
         self._write_ok = asyncio.Event()
@@ -98,6 +103,14 @@ class Link(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_addr = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if self.refused:
+            logger.warning(
+                "refusing connection from %s: %d handshakes already pending",
+                self.peer_addr,
+                MAX_PENDING_HANDSHAKES,
+            )
+            transport.abort()
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -114,6 +127,8 @@ class Link(asyncio.BufferedProtocol):
         return self.reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.refused:
+            return
         self.last_rx = time.monotonic()
         try:
             messages = self.reader.buffer_filled(nbytes)
@@ -121,6 +136,10 @@ class Link(asyncio.BufferedProtocol):
                 for msg in messages:
                     self._dispatch(msg)
                 messages = self.reader.resume() if self.reader.mid_frame else []
+            if not self.reader.mid_frame:
+                self.frame_started = None
+            elif self.frame_started is None:
+                self.frame_started = self.last_rx
         except wire.ProtocolError as exc:
             logger.warning(
                 "closing connection from %s (rank %s): %s [%s]",
@@ -178,14 +197,16 @@ class Link(asyncio.BufferedProtocol):
         if kind == wire.Kind.TENSOR:
             self.mesh.on_tensor(self, msg)
         elif kind == wire.Kind.PING:
-            self.send(wire.encode_frame(wire.Kind.PONG, tag=msg.tag))
+            if not self.closed:
+                self.send(wire.encode_frame(wire.Kind.PONG, tag=msg.tag))
         elif kind == wire.Kind.PONG:
             pass
         elif kind == wire.Kind.ERROR:
-            logger.warning(
-                "rank %s reported an error: %s", self.rank, msg.meta.get("message")
-            )
-            self.close(f"peer error: {msg.meta.get('message')}")
+            # %r: the text comes from the peer and must not forge log lines.
+            text = str(msg.meta.get("message"))[:200]
+            logger.warning("rank %s reported an error: %r", self.rank, text)
+            self.reported = True
+            self.close(f"peer error: {text!r}")
         else:
             self.mesh.on_message(self, msg)
 
@@ -193,10 +214,17 @@ class Link(asyncio.BufferedProtocol):
         frame = wire.Handshake.refusal_frame(exc)
         if frame:
             self._send_raw(frame)
-        side = "peer refused us" if exc.remote else "refused peer"
-        logger.warning(
-            "handshake with %s %s: %s [%s]", self.peer_addr, side, exc, exc.code
-        )
+        if exc.remote:
+            logger.warning(
+                "handshake with %s: the peer refused it: %r [%r]",
+                self.peer_addr,
+                str(exc)[:200],
+                exc.code[:40],
+            )
+        else:
+            logger.warning(
+                "handshake with %s refused: %s [%s]", self.peer_addr, exc, exc.code
+            )
         self.mesh.note_refusal(self.peer_addr, exc)
         self.reported = True
         if not self.authenticated.done():
@@ -264,6 +292,8 @@ class Mesh:
         self.local_info = wire.PeerInfo(rank, self.world_size, model_fingerprint)
         self.heartbeat_s = heartbeat_s
         self.peer_timeout_s = peer_timeout_s
+        # The largest frame (256 MiB) crosses a slow link in a few seconds.
+        self.frame_deadline_s = max(10.0, 3 * peer_timeout_s)
         self.links: dict[int, Link] = {}
         self.inbox: asyncio.Queue[tuple[int, wire.Message]] = asyncio.Queue(MAX_INBOX)
         self.tensors: dict[int, collections.deque[wire.Message]] = {
@@ -357,22 +387,12 @@ class Mesh:
     def _accept(self) -> asyncio.BufferedProtocol:
         link = Link(self, initiator=False, expected_rank=None)
         if self._pending >= MAX_PENDING_HANDSHAKES:
-            link.closed = True  # refused before it counts as a peer
-            asyncio.get_running_loop().call_soon(self._refuse_flood, link)
+            # Aborted as soon as its transport exists (connection_made).
+            link.refused = link.closed = link.reported = True
             return link
         self._pending += 1
         asyncio.get_running_loop().create_task(self._authenticate(link))
         return link
-
-    def _refuse_flood(self, link: Link) -> None:
-        if link.transport is not None:
-            logger.warning(
-                "refusing connection from %s: %d handshakes already pending",
-                link.peer_addr,
-                MAX_PENDING_HANDSHAKES,
-            )
-            link.reported = True
-            link.transport.abort()
 
     async def _authenticate(self, link: Link) -> None:
         try:
@@ -463,6 +483,14 @@ class Mesh:
                         f"no data for {silent:.1f} s (timeout {self.peer_timeout_s} s)"
                     )
                     continue
+                started = link.frame_started
+                if started is not None and now - started > self.frame_deadline_s:
+                    # Bytes trickling in keep a link "alive" but never finish
+                    # a frame: a peer that does that is as good as lost.
+                    link.close(
+                        f"a frame took over {self.frame_deadline_s:.0f} s to arrive"
+                    )
+                    continue
                 try:
                     link.send(wire.encode_frame(wire.Kind.PING, tag=seq))
                 except PeerLost:
@@ -505,7 +533,11 @@ class Mesh:
         assert link.rank is not None
         if self.links.get(link.rank) is not link:
             return
-        self.tensors[link.rank].append(msg)
+        queue = self.tensors[link.rank]
+        if len(queue) >= MAX_QUEUED_TENSORS:
+            link.close(f"sent {MAX_QUEUED_TENSORS} tensors ahead of the collectives")
+            return
+        queue.append(msg)
         for listener in self.tensor_listeners:
             listener(link.rank)
 

@@ -115,7 +115,13 @@ def _on_control(
         if link is not None:
             link.close(f"rank {rank} is shutting down: {body.get('reason', '')}")
     elif kind == "stats" and metrics is not None and body.get("rank") == rank:
-        metrics.worker_stats[rank] = body
+        try:
+            metrics.worker_stats[rank] = {
+                "cpu_percent": float(body.get("cpu_percent", 0)),
+                "rss_bytes": float(body.get("rss_bytes", 0)),
+            }
+        except (TypeError, ValueError):
+            logger.warning("rank %d sent malformed stats", rank)
 
 
 async def _report_stats(mesh: Mesh) -> None:
@@ -259,7 +265,11 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
         time.monotonic() - started,
         resident / 1e6,
     )
-    runner = StepRunner(model, collective)
+    vocab_columns = []
+    for r in range(cfg.world_size):
+        v0, v1 = plan_shard(spec.config, r, cfg.world_size, cfg.rank_weights).vocab
+        vocab_columns.append(v1 - v0)
+    runner = StepRunner(model, collective, vocab_columns)
     if cfg.world_size > 1:
         try:
             await mesh.start()

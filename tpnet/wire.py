@@ -666,6 +666,12 @@ class Handshake:
                 f"rank {remote.rank} reports it cannot start: {str(fault)[:MAX_FAULT_CHARS]!r}",
             )
         _check_compatible(self.local, remote, f"rank {remote.rank}")
+        if remote.rank < self.local.rank:
+            raise HandshakeRefused(
+                "bad_rank",
+                f"rank {remote.rank} dialled rank {self.local.rank}; "
+                "only higher ranks dial lower ones",
+            )
         self.remote = remote
         self._transcript = _transcript(
             version, nonce_i, self._nonce, remote, self.local

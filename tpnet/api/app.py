@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentLengthError, PayloadEncodingError
 
 from tpnet.api.schemas import (
     ChatRequest,
@@ -579,7 +580,13 @@ def _refuse_constant(name: str) -> Any:
 
 
 async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()  # past client_max_size: HTTPRequestEntityTooLarge
+    try:
+        raw = await request.read()  # past client_max_size: HTTPRequestEntityTooLarge
+    except (PayloadEncodingError, ContentLengthError) as error:
+        # A body the client encoded wrongly (bad gzip, short body) is its fault.
+        raise RequestError(
+            f"request body could not be decoded: {error}", None, "invalid_body"
+        ) from None
     if not raw.strip():
         raise RequestError("request body is empty; expected a JSON object", None)
     try:

@@ -321,11 +321,24 @@ class Engine:
         now = time.monotonic()
         for seq, n, rows in members:
             seq.fed += n
-            if seq.drafts:
-                self._verify(seq, logits[row : row + rows], now)
-            elif rows:
-                self._emit(seq, logits[row], now)
+            try:
+                if seq.drafts:
+                    self._verify(seq, logits[row : row + rows], now)
+                elif rows:
+                    self._emit(seq, logits[row], now)
+            except Exception:
+                # One request's sampling must not take the others down.
+                logger.exception("sampling failed for %s", seq.request.request_id)
+                self._fail(seq, EngineError("sampling failed for this request"))
             row += rows
+
+    def _fail(self, seq: Sequence, error: EngineError) -> None:
+        if not seq.finished:
+            seq.finished = True
+            seq.out.put_nowait(error)
+        if seq in self.running:
+            self.running.remove(seq)
+        self._release(seq)
 
     def _draft(self, seq: Sequence) -> list[int]:
         """Tokens to verify after the sequence's last one (maybe none)."""

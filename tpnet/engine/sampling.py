@@ -15,13 +15,18 @@ import numpy as np
 
 from tpnet.engine.types import SamplingParams
 
+# Adjusted logits are clipped to this magnitude (float64 holds it easily).
+LOGIT_LIMIT = 1e30
+
 
 class Sampler:
     """Per-sequence sampling state: its random generator and token counts."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int]) -> None:
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        # The API takes signed 64-bit seeds; numpy wants them non-negative.
+        seed = None if params.seed is None else params.seed % (1 << 64)
+        self.rng = np.random.default_rng(seed)
         self.generated: Counter[int] = Counter()
         self.seen = set(prompt_ids)
         self._bias_ids = np.array(list(params.logit_bias), dtype=np.int64)
@@ -30,7 +35,8 @@ class Sampler:
     def adjust(self, logits: np.ndarray) -> np.ndarray:
         """Logits after bias and penalties (a new array)."""
         p = self.params
-        x = logits.astype(np.float32, copy=True)
+        # float64 and a clip keep extreme penalties and biases finite.
+        x = logits.astype(np.float64, copy=True)
         if self._bias_ids.size:
             valid = self._bias_ids < x.shape[0]
             x[self._bias_ids[valid]] += self._bias_values[valid]
@@ -44,17 +50,14 @@ class Sampler:
             ids = np.fromiter(self.generated.keys(), dtype=np.int64)
             counts = np.fromiter(self.generated.values(), dtype=np.float32)
             x[ids] -= p.presence_penalty + p.frequency_penalty * counts
-        return x
+        return np.clip(x, -LOGIT_LIMIT, LOGIT_LIMIT)
 
     def choose(self, logits: np.ndarray) -> tuple[int, np.ndarray]:
         """The next token and the log-probabilities it was reported against."""
         p = self.params
         x = self.adjust(logits)
         logprobs = x - _logsumexp(x)
-        if p.temperature == 0:
-            token = int(np.argmax(x))
-        else:
-            token = self._draw(x / p.temperature)
+        token = int(np.argmax(x)) if p.temperature == 0 else self._draw(x)
         return token, logprobs
 
     def accept(self, token: int) -> None:
@@ -69,11 +72,15 @@ class Sampler:
             out = np.zeros_like(x)
             out[int(np.argmax(x))] = 1.0
             return out
-        return self._filtered_probs(x / p.temperature)
+        return self._filtered_probs(x)
 
     def _filtered_probs(self, x: np.ndarray) -> np.ndarray:
+        """The sampling distribution of adjusted logits x."""
         p = self.params
-        x = x - x.max()
+        # Shift before dividing: a tiny temperature then sends every logit
+        # but the largest to -inf instead of overflowing to nan.
+        with np.errstate(over="ignore"):  # -inf is the intended result
+            x = (x - x.max()) / p.temperature
         if p.top_k and p.top_k < x.shape[0]:
             kth = np.partition(x, -p.top_k)[-p.top_k]
             x = np.where(x >= kth, x, -np.inf)
@@ -85,6 +92,7 @@ class Sampler:
             order = np.argsort(-probs)
             cumulative = np.cumsum(probs[order])
             keep = cumulative - probs[order] < p.top_p
+            keep[0] = True  # the most likely token always stays
             mask = np.zeros_like(probs, dtype=bool)
             mask[order[keep]] = True
             probs = np.where(mask, probs, 0.0)

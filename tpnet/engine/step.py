@@ -70,10 +70,17 @@ def validate_step(body: dict[str, Any], tokens: np.ndarray, vocab_size: int) -> 
 class StepRunner:
     """KV caches of every live sequence slot, and the step that uses them."""
 
-    def __init__(self, model: ShardedModel, collective: Collective) -> None:
+    def __init__(
+        self,
+        model: ShardedModel,
+        collective: Collective,
+        vocab_columns: list[int] | None = None,
+    ) -> None:
         self.model = model
         self.collective = collective
         self.cache = model.new_cache()
+        # Each rank's share of the vocabulary, to check the gathered logits.
+        self.vocab_columns = vocab_columns
         self.epoch = 0
 
     def begin_epoch(self, epoch: int) -> None:
@@ -114,7 +121,7 @@ class StepRunner:
             local = self.model.logits(hidden[mx.array(rows)])
         else:
             local = mx.zeros((0, self.model.plan.vocab[1] - self.model.plan.vocab[0]))
-        parts = await self.collective.gather(local)
+        parts = await self.collective.gather(local, self.vocab_columns)
         if parts is None:
             return None
         full = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
