@@ -3,6 +3,8 @@ valid options give finite log-probabilities instead of NaN."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,9 @@ LOGITS = np.array([2.0, 1.0, 0.5, -1.0, 3.0], dtype=np.float32)
 
 
 def test_temperature_0_picks_the_largest_logit():
-    token, logprobs = Sampler(SamplingParams(temperature=0), []).choose(LOGITS)
+    token, logprobs = Sampler(SamplingParams(temperature=0, logprobs=True), []).choose(
+        LOGITS
+    )
 
     assert token == 4
     assert np.isclose(np.exp(logprobs).sum(), 1.0)
@@ -40,7 +44,7 @@ def test_the_same_seed_draws_the_same_tokens_and_negative_seeds_work():
     ],
 )
 def test_extreme_options_give_a_valid_token_and_finite_logprobs(params):
-    sampler = Sampler(params, prompt_ids=[0, 1, 4])
+    sampler = Sampler(dataclasses.replace(params, logprobs=True), prompt_ids=[0, 1, 4])
     sampler.accept(4)
 
     token, logprobs = sampler.choose(LOGITS)
@@ -55,3 +59,10 @@ def test_top_k_and_top_p_restrict_the_draws():
     tokens = {sampler.choose(LOGITS)[0] for _ in range(200)}
 
     assert tokens <= {0, 4}
+
+
+def test_logprobs_are_only_computed_when_asked_for():
+    token, logprobs = Sampler(SamplingParams(temperature=0), []).choose(LOGITS)
+
+    assert token == 4
+    assert logprobs is None

@@ -371,8 +371,9 @@ class Engine:
                 token, logprobs = seq.sampler.choose(rows[i])
             else:
                 probs = seq.sampler.probabilities(rows[i])
-                adjusted = seq.sampler.adjust(rows[i])
-                logprobs = adjusted - np.logaddexp.reduce(adjusted)
+                logprobs = None
+                if params.logprobs:
+                    logprobs = seq.sampler.log_softmax(seq.sampler.adjust(rows[i]))
                 token = accept_or_replace(
                     probs, draft, seq.sampler.uniform(), seq.sampler.draw_from
                 )
@@ -402,7 +403,7 @@ class Engine:
         self._deliver(seq, token, logprobs, now)
 
     def _deliver(
-        self, seq: Sequence, token: int, logprobs: np.ndarray, now: float
+        self, seq: Sequence, token: int, logprobs: np.ndarray | None, now: float
     ) -> None:
         params = seq.request.sampling
         seq.sampler.accept(token)
@@ -419,9 +420,9 @@ class Engine:
             finish = "length"
         output = TokenOutput(
             token_id=token,
-            logprob=float(logprobs[token]) if params.logprobs else None,
+            logprob=float(logprobs[token]) if logprobs is not None else None,
             top_logprobs=top_alternatives(logprobs, params.top_logprobs)
-            if params.logprobs
+            if logprobs is not None
             else None,
             finish_reason=finish,
         )

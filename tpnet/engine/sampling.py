@@ -31,6 +31,12 @@ class Sampler:
         self.seen = set(prompt_ids)
         self._bias_ids = np.array(list(params.logit_bias), dtype=np.int64)
         self._bias_values = np.array(list(params.logit_bias.values()), dtype=np.float32)
+        self._plain = not (
+            params.logit_bias
+            or params.repetition_penalty != 1.0
+            or params.presence_penalty
+            or params.frequency_penalty
+        )
 
     def adjust(self, logits: np.ndarray) -> np.ndarray:
         """Logits after bias and penalties (a new array)."""
@@ -52,13 +58,21 @@ class Sampler:
             x[ids] -= p.presence_penalty + p.frequency_penalty * counts
         return np.clip(x, -LOGIT_LIMIT, LOGIT_LIMIT)
 
-    def choose(self, logits: np.ndarray) -> tuple[int, np.ndarray]:
-        """The next token and the log-probabilities it was reported against."""
+    def choose(self, logits: np.ndarray) -> tuple[int, np.ndarray | None]:
+        """The next token, and the log-probabilities it was reported against
+        when the request asked for them (None otherwise)."""
         p = self.params
+        if p.temperature == 0 and not p.logprobs and self._plain:
+            # Greedy with nothing to adjust: the common case, kept cheap
+            # because rank 0 does it for every sequence of every step.
+            return int(np.argmax(logits)), None
         x = self.adjust(logits)
-        logprobs = x - _logsumexp(x)
         token = int(np.argmax(x)) if p.temperature == 0 else self._draw(x)
-        return token, logprobs
+        return token, self.log_softmax(x) if p.logprobs else None
+
+    @staticmethod
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        return x - _logsumexp(x)
 
     def accept(self, token: int) -> None:
         self.generated[token] += 1
