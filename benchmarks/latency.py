@@ -68,6 +68,10 @@ from _common import (
 )
 
 PAYLOADS = {"4 KB": 4 << 10, "64 KB": 64 << 10, "1 MB": 1 << 20, "4 MB": 4 << 20}
+# Link polling before sleeping in an all-reduce, as tpnet does by default
+# when every rank has a core (tpnet.node.DEFAULT_SPIN_US).
+SPIN_US = 300.0
+
 # Each batch (one group, payload and placement in one round) is sized from
 # the last measured time per operation to take about BATCH_BUDGET_S, within
 # [MIN_ITERATIONS, MAX_ITERATIONS]: 5 rounds x 2 placements x 4 payloads x 6
@@ -344,6 +348,7 @@ async def _all_sum_batch(collective: Any, command: dict[str, Any]) -> dict[str, 
     import mlx.core as mx
 
     x = _payload(command["nbytes"], collective.rank)
+    collective.spin_s = command.get("spin_us", 0.0) / 1e6
     samples = []
     for i in range(command["warmup"] + command["iters"]):
         started = time.perf_counter()
@@ -538,6 +543,11 @@ class Group:
                 "iters": iters,
                 "warmup": warmup,
                 "cpus": cpus_for(placement, rank),
+                # tpnet's own policy (tpnet.node.spin_seconds): poll before
+                # sleeping only when every rank has a core of its own.
+                "spin_us": SPIN_US
+                if placement == "spread" and self.method.world <= (os.cpu_count() or 1)
+                else 0.0,
             }
             self._send(rank, command)
         replies = [self._receive(r, BATCH_TIMEOUT_S) for r in range(self.method.world)]
