@@ -1008,16 +1008,26 @@ def measure_memory(path: str, opts: Options) -> dict[str, Any]:
     eos = sorted(tokenizer.eos_token_ids)
     result: dict[str, Any] = {"model": path, "weights_mb": _weights_mb(path)}
     single_row = Row("mem-single", "", "mem", "stock", 1, "chat")
+    same_row = Row("mem-same", "", "mem", "same", 1, "chat")
     tpnet_row = Row("mem-ws2", "", "mem", "tpnet", 2, "chat")
-    for row, name in ((single_row, "single"), (tpnet_row, "ranks")):
+    # tpnet first: the same-settings process copies the settings its ranks
+    # report.
+    for row, name in (
+        (tpnet_row, "ranks"),
+        (single_row, "single"),
+        (same_row, "same"),
+    ):
         server = make_server(row, path, opts)
         try:
             server.start()
             server.wait_ready()
+            if isinstance(server, TpnetServer):
+                opts.same = _settings_to_copy({server.key: server}, {}, opts)
             server.generate(row, prompt, eos, MEMORY_TOKENS)
             peaks, now = server.peak_rss(), server.peak_rss("VmRSS")
-            result[name] = peaks[0] if name == "single" else peaks
-            result[f"{name}_now"] = now[0] if name == "single" else now
+            one = name in ("single", "same")
+            result[name] = peaks[0] if one else peaks
+            result[f"{name}_now"] = now[0] if one else now
             result[f"{name}_compute"] = server.compute
         finally:
             server.stop()
@@ -1173,13 +1183,22 @@ def render(
         out.append(
             f"\nmemory: {memory['model']} ({memory['weights_mb']:.0f} MB of weights)"
         )
+        same = memory["same"]
         rows = [
             [
-                "mlx-lm, one process",
+                "mlx-lm, one process, stock",
                 _fmt(single, 0),
                 "1.00",
+                _fmt(same and single / same, 2),
                 _fmt(memory["single_now"], 0),
-            ]
+            ],
+            [
+                "mlx-lm, one process, same settings",
+                _fmt(same, 0),
+                _fmt(same / single, 2),
+                "1.00",
+                _fmt(memory["same_now"], 0),
+            ],
         ]
         for rank, (peak, now) in enumerate(
             zip(memory["ranks"], memory["ranks_now"], strict=True)
@@ -1189,12 +1208,14 @@ def render(
                     f"tpnet ws2 rank {rank}",
                     _fmt(peak, 0),
                     _fmt(peak / single, 2),
+                    _fmt(peak / same, 2),
                     _fmt(now, 0),
                 ]
             )
-        headers = ["process", "peak RSS MB", "x single", "RSS at end MB"]
+        headers = ["process", "peak RSS MB", "x stock", "x same", "RSS at end MB"]
         out.append(format_table(headers, rows))
-        out.append(f"  mlx-lm: {memory['single_compute']}")
+        out.append(f"  mlx-lm stock: {memory['single_compute']}")
+        out.append(f"  mlx-lm same settings: {memory['same_compute']}")
         out.append(f"  tpnet:  {memory['ranks_compute']}")
     return "\n".join(out)
 

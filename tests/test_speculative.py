@@ -100,3 +100,34 @@ def test_speculative_output_equals_plain_decoding_at_temperature_0(smollm_cluste
     assert spec["usage"] == plain["usage"]
     assert drafted > drafted_before
     assert accepted > accepted_before
+
+
+def test_a_draft_model_drafts_and_the_output_stays_that_of_plain_decoding(tmp_path):
+    from clusterutil import Cluster
+    from tinymodel import build_tiny_model
+
+    shape = {"hidden_size": 128, "num_attention_heads": 4}
+    target = build_tiny_model(tmp_path / "target", seed=11, **shape)
+    # A draft that agrees with the target often: the same weights, 4-bit.
+    draft = build_tiny_model(tmp_path / "draft", quantize_bits=4, seed=11, **shape)
+    cluster = Cluster(
+        2, tmp_path / "logs", model=target, extra=["--draft-model", draft]
+    )
+    body = {
+        "prompt": "one two three four",
+        "max_tokens": 24,
+        "temperature": 0,
+        "logit_bias": {"0": -100, "2": -100},
+    }
+    cluster.start()
+    try:
+        cluster.wait_healthy()
+        plain = cluster.post("/v1/completions", {**body, "speculative": False})
+        drafted = cluster.post("/v1/completions", {**body, "speculative": True})
+        counters = _spec_counters(cluster)
+    finally:
+        cluster.stop()
+
+    assert plain[0] == drafted[0] == 200
+    assert drafted[1]["choices"][0]["text"] == plain[1]["choices"][0]["text"]
+    assert counters[0] > 0 and counters[1] > 0

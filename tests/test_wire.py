@@ -1052,6 +1052,7 @@ def test_a_local_refusal_reaches_the_peer_as_the_same_code() -> None:
 
 # -- the fuzzer ------------------------------------------------------------------------
 
+
 def test_the_fuzzer_runs_for_two_seconds_and_finds_nothing(tmp_path: Path) -> None:
     script = REPO / "benchmarks" / "fuzz_wire.py"
     report = tmp_path / "report.json"

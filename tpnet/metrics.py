@@ -42,13 +42,29 @@ def rank_stats(rank: int) -> dict[str, Any]:
     """This process's CPU and memory use, as a CONTROL stats body."""
     proc = psutil.Process(os.getpid())
     with proc.oneshot():
-        return {
+        stats: dict[str, Any] = {
             "type": "stats",
             "rank": rank,
             "cpu_percent": proc.cpu_percent(None),
             "rss_bytes": proc.memory_info().rss,
             "time": time.time(),
         }
+    gpu = gpu_memory_bytes()
+    if gpu is not None:
+        stats["gpu_memory_bytes"] = gpu
+    return stats
+
+
+def gpu_memory_bytes() -> int | None:
+    """Memory MLX holds on the GPU (Apple silicon); None without a GPU."""
+    import mlx.core as mx
+
+    try:
+        if not mx.metal.is_available():
+            return None
+        return int(mx.get_active_memory())
+    except (AttributeError, RuntimeError):
+        return None
 
 
 class Metrics:
@@ -108,6 +124,12 @@ class Metrics:
         self.rss = Gauge(
             "tpnet_rank_memory_bytes", "Resident memory per rank", ["rank"], registry=r
         )
+        self.gpu = Gauge(
+            "tpnet_rank_gpu_memory_bytes",
+            "GPU memory MLX holds per rank (Apple silicon only)",
+            ["rank"],
+            registry=r,
+        )
         self.spec_accepted = Counter(
             "tpnet_speculative_accepted_tokens", "Drafted tokens accepted", registry=r
         )
@@ -150,9 +172,9 @@ class Metrics:
         else:
             self.ranks_connected.set(world)
         own = rank_stats(0)
-        self.cpu.labels("0").set(own["cpu_percent"])
-        self.rss.labels("0").set(own["rss_bytes"])
-        for rank, stats in self.worker_stats.items():
+        for rank, stats in [(0, own), *self.worker_stats.items()]:
             self.cpu.labels(str(rank)).set(stats.get("cpu_percent", 0))
             self.rss.labels(str(rank)).set(stats.get("rss_bytes", 0))
+            if stats.get("gpu_memory_bytes") is not None:
+                self.gpu.labels(str(rank)).set(stats["gpu_memory_bytes"])
         return generate_latest(self.registry)

@@ -28,7 +28,7 @@ from tpnet.engine.engine import Engine, EngineLimits
 from tpnet.engine.step import BadStep, StepRunner, validate_step
 from tpnet.model.llama import ShardedModel
 from tpnet.model.loader import ModelError, ModelSpec, load_model
-from tpnet.model.shard import mlp_unit_for, plan_shard
+from tpnet.model.shard import SliceLoader, mlp_unit_for, plan_shard
 from tpnet.net import Address, Mesh, PeerLost
 
 logger = logging.getLogger("tpnet.node")
@@ -119,6 +119,9 @@ def _on_control(
             metrics.worker_stats[rank] = {
                 "cpu_percent": float(body.get("cpu_percent", 0)),
                 "rss_bytes": float(body.get("rss_bytes", 0)),
+                "gpu_memory_bytes": None
+                if body.get("gpu_memory_bytes") is None
+                else float(body["gpu_memory_bytes"]),
             }
         except (TypeError, ValueError):
             logger.warning("rank %d sent malformed stats", rank)
@@ -218,7 +221,7 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
     check_config(cfg)
     started = time.monotonic()
     try:
-        spec = load_model(cfg.model)
+        spec = load_model(cfg.model, with_tokenizer=cfg.rank == 0)
     except ModelError as exc:
         logger.error("cannot load the model: %s", exc)
         await Mesh.send_fault_notice(
@@ -248,6 +251,7 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> int:
     except ModelError as exc:
         logger.error("cannot shard the model: %s", exc)
         return 2
+    SliceLoader.release()
     logger.info("rank %d computes with %s", cfg.rank, compute_path(cfg))
     from tpnet import blas
 

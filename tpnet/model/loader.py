@@ -88,14 +88,16 @@ def default_model_path() -> str:
     return path
 
 
-def load_model(path: str | None) -> ModelSpec:
+def load_model(path: str | None, with_tokenizer: bool = True) -> ModelSpec:
+    """The model at `path` (the default model when None). Ranks other than 0
+    never tokenize and pass with_tokenizer=False (then `tokenizer` is None)."""
     path = path or default_model_path()
     if os.path.isdir(path):
-        return _load_folder(path)
+        return _load_folder(path, with_tokenizer)
     if not os.path.exists(path):
         raise ModelError(f"model path {path!r} does not exist")
     if path.endswith(".gguf"):
-        return _load_gguf(path)
+        return _load_gguf(path, with_tokenizer)
     raise ModelError(
         f"model path {path!r} is neither a .gguf file nor a folder with config.json"
     )
@@ -162,7 +164,7 @@ def _infer_quantization(
 # -- MLX / Hugging Face folders -------------------------------------------------
 
 
-def _load_folder(path: str) -> ModelSpec:
+def _load_folder(path: str, with_tokenizer: bool = True) -> ModelSpec:
     from tpnet.tokenizer import Tokenizer, TokenizerError
 
     config_path = os.path.join(path, "config.json")
@@ -218,7 +220,7 @@ def _load_folder(path: str) -> ModelSpec:
         tensors, quant.get("group_size"), quant.get("bits")
     )
     try:
-        tokenizer = Tokenizer.from_folder(path)
+        tokenizer = Tokenizer.from_folder(path) if with_tokenizer else None
     except TokenizerError as exc:
         raise ModelError(f"{path}: {exc}") from None
     _check_tensors(config, tensors, path)
@@ -273,7 +275,7 @@ def _meta_value(meta: dict[str, Any], key: str, default: Any = None) -> Any:
     return value
 
 
-def _load_gguf(path: str) -> ModelSpec:
+def _load_gguf(path: str, with_tokenizer: bool = True) -> ModelSpec:
     from tpnet.tokenizer import Tokenizer, TokenizerError
 
     try:
@@ -334,7 +336,7 @@ def _load_gguf(path: str) -> ModelSpec:
     )
     quantization = _infer_quantization(tensors, 32, None)
     try:
-        tokenizer = Tokenizer.from_gguf_metadata(meta)
+        tokenizer = Tokenizer.from_gguf_metadata(meta) if with_tokenizer else None
     except TokenizerError as exc:
         raise ModelError(f"{path}: {exc}") from None
     _check_tensors(config, tensors, path)

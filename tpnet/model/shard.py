@@ -16,11 +16,25 @@ about 1/N of the weights resident.
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from tpnet.model.loader import ModelConfig, ModelError, ModelSpec
+
+
+def _find_malloc_trim():  # type: ignore[no-untyped-def]
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 @dataclass(frozen=True)
@@ -166,6 +180,15 @@ class SliceLoader:
         mx.eval(x)
         return x
 
+    @staticmethod
+    def release() -> None:
+        """Return the full tensors just freed to the system (MLX caches freed
+        buffers, glibc keeps freed heap): without it the loading peak holds
+        several full tensors more than the slices."""
+        mx.clear_cache()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+
     def linear(
         self,
         name: str,
@@ -229,4 +252,5 @@ class SliceLoader:
             quant[0] if quant else 0,
             quant[1] if quant else 0,
         )
+        self.release()
         return out
