@@ -60,6 +60,10 @@ class EngineLimits:
     # Draft tokens verified per step by speculative decoding at the start;
     # adapts per sequence to its acceptance. 0 turns speculation off.
     speculative_tokens: int = 4
+    # Speculate only while at most this many sequences run: drafts buy
+    # latency for a few streams, but in a full batch every rejected draft is
+    # a row of compute taken from the others.
+    speculative_max_batch: int = 4
 
 
 @dataclass
@@ -342,7 +346,11 @@ class Engine:
 
     def _draft(self, seq: Sequence) -> list[int]:
         """Tokens to verify after the sequence's last one (maybe none)."""
-        if seq.draft_length is None or seq.generated == 0:
+        if (
+            seq.draft_length is None
+            or seq.generated == 0
+            or len(self.running) > self.limits.speculative_max_batch
+        ):
             return []
         room = self.max_context - len(seq.tokens) - 1
         if seq.request.max_tokens is not None:
