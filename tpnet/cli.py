@@ -29,9 +29,7 @@ from tpnet.node import (
     setup_logging,
 )
 
-DEFAULT_HTTP_PORT = 8100
 DEFAULT_BASE_PORT = 29500
-DEFAULT_HOME = os.path.expanduser(os.environ.get("TPNET_HOME", "~/.tpnet"))
 
 
 def _add_serving_options(p: argparse.ArgumentParser) -> None:
@@ -168,7 +166,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     on SIGINT/SIGTERM. A rank that dies is restarted (as a service manager
     would), so the cluster re-forms by itself."""
     setup_logging(None, args.log_level)
-    secret_file = args.secret_file or os.path.join(DEFAULT_HOME, "cluster.key")
+    secret_file = args.secret_file or os.path.join(
+        os.path.expanduser(cluster.DEFAULT_HOME), "cluster.key"
+    )
     if not os.environ.get("TPNET_SECRET"):
         create_secret(secret_file)
     n = args.world_size
@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run a local cluster on loopback in the foreground"
     )
     serve.add_argument("--world-size", type=int, default=2)
-    serve.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port")
+    serve.add_argument(
+        "--port", type=int, default=cluster.DEFAULT_HTTP_PORT, help="HTTP port"
+    )
     serve.add_argument(
         "--base-port",
         type=int,
@@ -314,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen-host", help="address to listen on (default: this rank's peer host)"
     )
     node.add_argument(
-        "--port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port (rank 0)"
+        "--port", type=int, default=cluster.DEFAULT_HTTP_PORT, help="HTTP port (rank 0)"
     )
     node.add_argument("--log-file", help="also log to this rotating file")
     node.add_argument(

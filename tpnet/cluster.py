@@ -283,8 +283,6 @@ def apply_defaults(cl: ClusterFile, args: argparse.Namespace) -> None:
     cannot tell "given" from "defaulted", so --port counts as given only when
     it differs from the parser's default.
     """
-    from tpnet.cli import DEFAULT_HTTP_PORT as parser_default_port
-
     if getattr(args, "peers", "") is None:
         args.peers = cl.peers
     if getattr(args, "model", "") is None:
@@ -293,7 +291,7 @@ def apply_defaults(cl: ClusterFile, args: argparse.Namespace) -> None:
         args.secret_file = cl.secret_file
     if getattr(args, "http_host", "") is None:
         args.http_host = cl.http_host
-    if getattr(args, "port", None) == parser_default_port:
+    if getattr(args, "port", None) == DEFAULT_HTTP_PORT:
         args.port = cl.http_port
     rank: int | None = getattr(args, "rank", None)
     if (

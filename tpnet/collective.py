@@ -1,4 +1,4 @@
-"""Collectives over the mesh: all-reduce (sum), gather to rank 0, broadcast.
+"""Collectives over the mesh: all-reduce (sum) and gather to rank 0.
 
 Every rank calls the same collectives in the same order; each call takes the
 next operation number, sent as the TENSOR frame's tag (protocol_spec.md 3.8)
@@ -34,7 +34,6 @@ _MX_DTYPE_NAME = {
     mx.uint8: "uint8",
     mx.uint32: "uint32",
 }
-_MX_DTYPE = {name: dtype for dtype, name in _MX_DTYPE_NAME.items()}
 
 EPOCH_SHIFT = 40  # tag = epoch << 40 | operation number
 
@@ -161,23 +160,24 @@ class Collective:
             if self._ready() or self._aborted is not None:
                 return
 
+    def _raise_if_aborted(self) -> None:
+        if self._aborted is not None:
+            reason, self._aborted = self._aborted, None
+            raise StepAborted(reason)
+
     def _ready(self) -> bool:
         return all(self.mesh.tensors[r] for r in self._waiting_for)
 
     async def _receive(self, ranks: list[int], tag: int) -> dict[int, wire.Message]:
         self._waiting_for = ranks
-        if self._aborted is not None:
-            reason, self._aborted = self._aborted, None
-            raise StepAborted(reason)
+        self._raise_if_aborted()
         for r in ranks:
             if r not in self.mesh.links:
                 raise PeerLost(r, "not connected")
             self._on_tensor(r)
         if self.spin_s and not self._ready():
             self._spin(ranks)
-            if self._aborted is not None:
-                reason, self._aborted = self._aborted, None
-                raise StepAborted(reason)
+            self._raise_if_aborted()
             for r in ranks:
                 if r not in self.mesh.links:
                     raise PeerLost(r, "lost while polling")
@@ -266,19 +266,3 @@ class Collective:
                     r, msg, _MX_DTYPE_NAME[x.dtype], (x.shape[0], expected_columns[r])
                 )
         return [x] + [from_message(parts[r]) for r in others]
-
-    async def broadcast(self, x: mx.array | None) -> mx.array:
-        """Rank 0's x, delivered to every rank."""
-        if self.world_size == 1:
-            assert x is not None
-            return x
-        tag = self._next_tag()
-        if self.rank == 0:
-            assert x is not None
-            dtype, shape, buf = to_buffer(x)
-            frame = wire.encode_tensor(tag, dtype, shape, buf)
-            for r in range(1, self.world_size):
-                self.mesh.send(r, frame)
-            return x
-        parts = await self._receive([0], tag)
-        return from_message(parts[0])

@@ -93,8 +93,6 @@ class Link(asyncio.BufferedProtocol):
         self.frame_started: float | None = None  # when a partial frame began
         self.authenticated = asyncio.get_running_loop().create_future()
         self.bytes_sent = 0
-        self._write_ok = asyncio.Event()
-        self._write_ok.set()
         self._poll_sock: socket.socket | None = None
 
     # asyncio protocol callbacks -------------------------------------------
@@ -173,12 +171,6 @@ class Link(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.close("connection closed" if exc is None else f"connection error: {exc}")
 
-    def pause_writing(self) -> None:
-        self._write_ok.clear()
-
-    def resume_writing(self) -> None:
-        self._write_ok.set()
-
     # messages ---------------------------------------------------------------
 
     def _dispatch(self, msg: wire.Message) -> None:
@@ -243,9 +235,6 @@ class Link(asyncio.BufferedProtocol):
         self.transport.writelines(buffers)
         self.bytes_sent += sum(memoryview(b).nbytes for b in buffers)
 
-    async def drain(self) -> None:
-        await self._write_ok.wait()
-
     def close(self, reason: str) -> None:
         if self.closed:
             return
@@ -303,9 +292,6 @@ class Mesh:
         self.lost_listeners: list[Callable[[int, str], None]] = []
         self.joined_listeners: list[Callable[[int], None]] = []
         self.tensor_listeners: list[Callable[[int], None]] = []
-        self.refusals: collections.deque[tuple[float, str, str]] = collections.deque(
-            maxlen=32
-        )
         # Notices from ranks that could not start (spec 4.6), for /health.
         self.fault_notices: collections.deque[tuple[float, str]] = collections.deque(
             maxlen=8
@@ -464,7 +450,6 @@ class Mesh:
         self._changed.set()
 
     def note_refusal(self, addr: str, exc: wire.HandshakeRefused) -> None:
-        self.refusals.append((time.time(), addr, f"{exc.code}: {exc}"))
         if exc.code == "peer_fault" and not exc.remote:
             self.fault_notices.append((time.time(), f"{addr}: {exc}"))
 

@@ -15,7 +15,6 @@ import asyncio
 import collections
 import logging
 import random
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,9 +77,6 @@ class Sequence:
     generated: int = 0
     finished: bool = False
     cancelled: bool = False
-    created: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
     drafts: list[int] = field(default_factory=list)  # being verified this step
     draft_length: DraftLength | None = None
 
@@ -322,14 +318,13 @@ class Engine:
         logits = await self.runner.run(body, tokens)
         self.steps += 1
         row = 0
-        now = time.monotonic()
         for seq, n, rows in members:
             seq.fed += n
             try:
                 if seq.drafts:
-                    self._verify(seq, logits[row : row + rows], now)
+                    self._verify(seq, logits[row : row + rows])
                 elif rows:
-                    self._emit(seq, logits[row], now)
+                    self._emit(seq, logits[row])
             except Exception:
                 # One request's sampling must not take the others down.
                 logger.exception("sampling failed for %s", seq.request.request_id)
@@ -364,7 +359,7 @@ class Engine:
             drafts = self.lookup.propose(seq.tokens, count)
         return [t for t in drafts if 0 <= t < self.vocab_size]
 
-    def _verify(self, seq: Sequence, rows: np.ndarray, now: float) -> None:
+    def _verify(self, seq: Sequence, rows: np.ndarray) -> None:
         """Keep the drafts the target model agrees with, then one more token
         of its own: greedily that is exactly what plain decoding emits; when
         sampling, a draft d is kept with probability p(d) (the drafters are
@@ -385,13 +380,13 @@ class Engine:
                 token = accept_or_replace(
                     probs, draft, seq.sampler.uniform(), seq.sampler.draw_from
                 )
-            self._deliver(seq, token, logprobs, now)
+            self._deliver(seq, token, logprobs)
             if token != draft:
                 break
             accepted += 1
         else:
             if not (seq.finished or seq.cancelled):
-                self._emit(seq, rows[len(drafts)], now)
+                self._emit(seq, rows[len(drafts)])
         if seq.draft_length is not None:
             seq.draft_length.update(len(drafts), accepted)
         if self.metrics is not None:
@@ -404,15 +399,13 @@ class Engine:
             self._to_trim.append([seq.slot, rejected])
         seq.drafts = []
 
-    def _emit(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
+    def _emit(self, seq: Sequence, logits: np.ndarray) -> None:
         if seq.finished or seq.cancelled:
             return
         token, logprobs = seq.sampler.choose(logits)
-        self._deliver(seq, token, logprobs, now)
+        self._deliver(seq, token, logprobs)
 
-    def _deliver(
-        self, seq: Sequence, token: int, logprobs: np.ndarray | None, now: float
-    ) -> None:
+    def _deliver(self, seq: Sequence, token: int, logprobs: np.ndarray | None) -> None:
         params = seq.request.sampling
         seq.sampler.accept(token)
         seq.tokens.append(token)
@@ -434,9 +427,6 @@ class Engine:
             else None,
             finish_reason=finish,
         )
-        if seq.first_token_at is None:
-            seq.first_token_at = now
-        seq.last_token_at = now
         seq.out.put_nowait(output)
         if finish is not None:
             seq.finished = True

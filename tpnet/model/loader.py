@@ -19,7 +19,7 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -71,7 +71,6 @@ class ModelSpec:
     fingerprint: str
     name: str
     source_format: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def default_model_path() -> str:
