@@ -23,6 +23,11 @@ from tpnet.model.shard import ShardPlan, SliceLoader
 
 AllSum = Callable[[mx.array], Awaitable[mx.array]]
 
+# Decode attention reads the pool's rows in place when at most this many of
+# the rows up to the last one in use are free (each costs a wasted row of
+# attention); with more holes it gathers the rows in use instead.
+POOL_SLACK_ROWS = 4
+
 
 @dataclass
 class Segment:
@@ -124,18 +129,39 @@ class Attention:
         q = self.rope(q[:, :, None, :], offset=offsets)
         k = self.rope(k[:, :, None, :], offset=offsets)
         cache.write_positions(layer, rows, offsets, k[:, :, 0, :], v)
-        keys, values = cache.keys[layer], cache.values[layer]
-        if rows_list == list(range(len(rows_list))):
-            keys, values = keys[: len(rows_list)], values[: len(rows_list)]
+        # Attend over the longest sequence's positions only, not the whole
+        # capacity: the cost of attention grows with the positions it reads.
+        span = max(s.offset for s in segs) + 1
+        keys = cache.keys[layer][:, :, :span]
+        values = cache.values[layer][:, :, :span]
+        pooled = max(rows_list) + 1
+        if pooled <= len(segs) + POOL_SLACK_ROWS:
+            # Attend over the pool's first rows in place: queries are put in
+            # row order (a free row in between gets a dummy query whose
+            # output is dropped), which is far cheaper than gathering the
+            # sequences' keys and values out of the pool.
+            in_order = rows_list == list(range(len(rows_list)))
+            if not in_order:
+                seq_of_row = [0] * pooled
+                row_offsets = [0] * pooled
+                for j, s in enumerate(segs):
+                    seq_of_row[s.row] = j
+                    row_offsets[s.row] = s.offset
+                q = q[mx.array(seq_of_row)]
+                offsets = mx.array(row_offsets)
+            keys, values = keys[:pooled], values[:pooled]
         else:
+            in_order = True
             keys, values = keys[rows], values[rows]
         if self.kv_index is not None:
             keys, values = keys[:, self.kv_index], values[:, self.kv_index]
         # Positions past each sequence's length hold stale or no data.
-        visible = mx.arange(cache.capacity)[None, :] <= offsets[:, None]
+        visible = mx.arange(span)[None, :] <= offsets[:, None]
         o = mx.fast.scaled_dot_product_attention(
             q, keys, values, scale=self.scale, mask=visible[:, None, None, :]
         )
+        if not in_order:
+            o = o[rows]
         return o[:, :, 0, :]
 
     def _span(
