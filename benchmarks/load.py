@@ -7,11 +7,21 @@
 
 For each level N of --clients, N clients each send streaming chat requests
 back to back (one of a fixed set of prompts, stream_options.include_usage on)
-for --seconds; requests still running at the end are waited for, within
---request-timeout. Per level it prints the aggregate output rate (completion
-tokens from the usage chunks / wall time of the level), requests completed,
-errors, time to first token and the gaps between content chunks (p50, p99),
-and the rate relative to the first level.
+for --seconds; requests still running at the end are waited for (each within
+REQUEST_TIMEOUT_S). Per level it prints:
+
+- tok/s: the aggregate output rate while all N clients are busy: completion
+  tokens that arrived between --warmup seconds after the level started and
+  the end of its --seconds, divided by that time. Every client sends its
+  next request as soon as the last one ends, so the whole window runs at
+  concurrency N: it leaves out the start, where all N prompts arrive at
+  once, and the drain at the end, where fewer and fewer requests are left.
+  Each request's completion tokens (from its usage chunk) are spread over
+  the arrival times of its content chunks.
+- whole: all completion tokens of the level over its whole wall time,
+  start and drain included, for comparison.
+- requests completed, errors, time to first token and the gaps between
+  content chunks (p50, p99), and tok/s relative to the first level.
 
 --start-cluster runs `python -m tpnet serve` itself on loopback (its own
 TPNET_HOME in a temporary folder, free ports), waits until /health answers
@@ -67,13 +77,31 @@ class Level:
     errors: int = 0
     completion_tokens: int = 0
     missing_usage: int = 0
+    window_s: float = 0.0
+    window_tokens: float = 0.0
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
 
+    # the steady window, as time.perf_counter() values
+    window_start: float = 0.0
+    window_end: float = 0.0
+
     @property
     def tokens_per_s(self) -> float:
+        return self.window_tokens / self.window_s if self.window_s else 0.0
+
+    @property
+    def whole_tokens_per_s(self) -> float:
         return self.completion_tokens / self.wall_s if self.wall_s else 0.0
+
+    def count_in_window(self, tokens: int, arrivals: list[float]) -> None:
+        """Spread a request's tokens over its chunk arrivals and count those
+        that fell inside the steady window."""
+        if not arrivals:
+            return
+        inside = sum(self.window_start <= t < self.window_end for t in arrivals)
+        self.window_tokens += tokens * inside / len(arrivals)
 
     def note_error(self, text: str) -> None:
         self.errors += 1
@@ -89,6 +117,8 @@ class Level:
             "completion_tokens": self.completion_tokens,
             "missing_usage": self.missing_usage,
             "tokens_per_s": self.tokens_per_s,
+            "window_s": round(self.window_s, 3),
+            "whole_tokens_per_s": self.whole_tokens_per_s,
             "vs_first_level": self.tokens_per_s / baseline if baseline else None,
             "ttft_ms_p50": percentile(self.ttft_s, 50) * 1e3,
             "ttft_ms_p99": percentile(self.ttft_s, 99) * 1e3,
@@ -148,6 +178,7 @@ async def stream_chat(
         level.missing_usage += 1
     else:
         level.completion_tokens += int(usage["completion_tokens"])
+        level.count_in_window(int(usage["completion_tokens"]), arrivals)
     if arrivals:
         level.ttft_s.append(arrivals[0] - sent)
         level.itl_s.extend(b - a for a, b in itertools.pairwise(arrivals))
@@ -190,6 +221,10 @@ async def run_levels(args: argparse.Namespace) -> list[Level]:
             level = Level(n)
             started = time.monotonic()
             deadline = started + args.seconds
+            now = time.perf_counter()
+            level.window_start = now + args.warmup
+            level.window_end = now + args.seconds
+            level.window_s = args.seconds - args.warmup
             await asyncio.gather(
                 *(client(session, args, i, deadline, level) for i in range(n))
             )
@@ -197,7 +232,8 @@ async def run_levels(args: argparse.Namespace) -> list[Level]:
             levels.append(level)
             print(
                 f"  {n} client(s): {level.requests} requests, "
-                f"{level.tokens_per_s:.1f} tok/s",
+                f"{level.tokens_per_s:.1f} tok/s steady, "
+                f"{level.whole_tokens_per_s:.1f} tok/s whole level",
                 file=sys.stderr,
                 flush=True,
             )
@@ -321,13 +357,13 @@ def report(args: argparse.Namespace, levels: list[Level]) -> dict[str, Any]:
     print(
         f"tpnet load: {args.url}, model {args.model_id}, max_tokens "
         f"{args.max_tokens}, temperature {args.temperature}, {args.seconds:g} s "
-        f"per level"
+        f"per level, tok/s counted from {args.warmup:g} s on"
     )
     if args.compute_path:
         print(f"compute path (rank 0): {args.compute_path}")
     header = (
         f"{'clients':>7} {'requests':>8} {'errors':>6} {'tok/s':>8} "
-        f"{'vs first':>8} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8} "
+        f"{'vs first':>8} {'whole':>7} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8} "
         f"{'itl p99':>8}"
     )
     print(header + "   (times in ms)")
@@ -335,7 +371,8 @@ def report(args: argparse.Namespace, levels: list[Level]) -> dict[str, Any]:
         ratio = f"{r['vs_first_level']:.2f}x" if r["vs_first_level"] else "-"
         print(
             f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} "
-            f"{r['tokens_per_s']:>8.1f} {ratio:>8} {r['ttft_ms_p50']:>9.1f} "
+            f"{r['tokens_per_s']:>8.1f} {ratio:>8} {r['whole_tokens_per_s']:>7.1f} "
+            f"{r['ttft_ms_p50']:>9.1f} "
             f"{r['ttft_ms_p99']:>9.1f} {r['itl_ms_p50']:>8.1f} {r['itl_ms_p99']:>8.1f}"
         )
     for r in rows:
@@ -352,6 +389,7 @@ def report(args: argparse.Namespace, levels: list[Level]) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "seconds_per_level": args.seconds,
+        "warmup_s": args.warmup,
         "compute_path": args.compute_path,
         "levels": rows,
     }
@@ -364,6 +402,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", default=f"http://{LOOPBACK}:8100")
     parser.add_argument("--clients", default="1,4,8,16", help="levels, e.g. 1,4,8")
     parser.add_argument("--seconds", type=float, default=30.0, help="per level")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=5.0,
+        help="seconds at the start of a level left out of tok/s",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--api-key", default=os.environ.get("TPNET_API_KEY"))
@@ -393,6 +437,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--clients levels must be at least 1")
     if args.seconds <= 0 or args.max_tokens < 1:
         parser.error("--seconds must be positive and --max-tokens at least 1")
+    if not 0 <= args.warmup < args.seconds:
+        parser.error("--warmup must be at least 0 and less than --seconds")
     args.url = args.url.rstrip("/")
     args.compute_path = None  # known only for a cluster started here
     return args

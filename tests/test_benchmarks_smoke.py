@@ -84,6 +84,8 @@ def test_load_run_against_its_own_cluster_prints_tokens_per_second(
             "1,2",
             "--seconds",
             "3",
+            "--warmup",
+            "1",
             "--max-tokens",
             "8",
             "--json",
@@ -97,3 +99,10 @@ def test_load_run_against_its_own_cluster_prints_tokens_per_second(
     levels = json.loads(out.read_text())["levels"]
     assert [level["clients"] for level in levels] == [1, 2]
     assert all(level["requests"] >= 1 for level in levels)
+    # Tokens arrived inside each level's steady window (1 s to 3 s) and the
+    # whole-level count includes at least those.
+    for level in levels:
+        assert level["tokens_per_s"] > 0
+        assert level["whole_tokens_per_s"] * level["wall_s"] >= (
+            level["tokens_per_s"] * level["window_s"] - 1e-6
+        )
