@@ -86,3 +86,53 @@ def test_three_ranks_generate_the_same_tokens_as_unsharded_mlx_lm(
     assert_equivalent(entries, reference, default_spec.tokenizer)
     assert "query heads (3, 6), KV heads (1, 2)" in cluster.log(1)
     assert "weights as stored" in cluster.log(1)
+
+
+# A prompt whose cache is partly taken over from an earlier request (same
+# system prompt and first words, another ending) and then wholly (the same
+# prompt again) must still generate what the unsharded model generates.
+REUSED = [
+    {"role": "user", "content": "Write a long story about a knight who learns to cook."}
+]
+PRIMER = [
+    {"role": "user", "content": "Write a long story about a knight who learns to swim."}
+]
+REUSED_GENERATED = 16
+
+
+def test_a_reused_prefix_generates_the_same_tokens_as_unsharded_mlx_lm(
+    smollm_cluster, default_spec
+):
+    tokenizer = default_spec.tokenizer
+    prompt = tokenizer.apply_chat_template(REUSED)
+    primer = tokenizer.apply_chat_template(PRIMER)
+    shared = next(i for i, (a, b) in enumerate(zip(prompt, primer)) if a != b)
+    reference = greedy(mlx_lm_model(default_spec), prompt, REUSED_GENERATED)
+
+    status, _ = smollm_cluster.post(
+        "/v1/chat/completions",
+        {"messages": PRIMER, "max_tokens": 2, "temperature": 0},
+    )
+    assert status == 200
+    cached = []
+    for _ in range(2):
+        status, body = smollm_cluster.post(
+            "/v1/chat/completions",
+            {
+                "messages": REUSED,
+                "max_tokens": REUSED_GENERATED,
+                "temperature": 0,
+                "logprobs": True,
+                "top_logprobs": 3,
+            },
+        )
+        assert status == 200, body
+        cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+        assert_equivalent(
+            body["choices"][0]["logprobs"]["content"], reference, tokenizer
+        )
+
+    # First the primer's cache, cut where the prompts part; then the whole
+    # prompt but its last token (whose logits start the answer).
+    assert shared <= cached[0] < len(prompt) - 1
+    assert cached[1] == len(prompt) - 1

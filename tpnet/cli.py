@@ -71,6 +71,19 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
         help="draft tokens verified per step at first (adapts; 0 turns speculative decoding off)",
     )
     p.add_argument(
+        "--prefix-cache-rows",
+        type=int,
+        default=EngineLimits.prefix_rows,
+        help="caches of finished sequences kept for prompts that start the same "
+        "way (0 turns prefix reuse off)",
+    )
+    p.add_argument(
+        "--prefix-cache-idle",
+        type=float,
+        default=EngineLimits.prefix_idle_s,
+        help="seconds without work after which the kept caches are freed",
+    )
+    p.add_argument(
         "--draft-model",
         help="small model of the same tokenizer that drafts on rank 0 (default: prompt lookup)",
     )
@@ -96,18 +109,30 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO")
 
 
+# Each kept cache is a row of the KV cache on every rank.
+MAX_PREFIX_CACHE_ROWS = 256
+
+
 def _limits(args: argparse.Namespace) -> EngineLimits:
     for name in ("max_running", "max_queued", "max_context", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.speculative_tokens <= 8:
         raise ConfigError("--speculative-tokens must be between 0 and 8")
+    if not 0 <= args.prefix_cache_rows <= MAX_PREFIX_CACHE_ROWS:
+        raise ConfigError(
+            f"--prefix-cache-rows must be between 0 and {MAX_PREFIX_CACHE_ROWS}"
+        )
+    if not args.prefix_cache_idle > 0:  # also refuses nan
+        raise ConfigError("--prefix-cache-idle must be a positive number of seconds")
     return EngineLimits(
         args.max_running,
         args.max_queued,
         args.prefill_chunk,
         args.max_context,
         args.speculative_tokens,
+        prefix_rows=args.prefix_cache_rows,
+        prefix_idle_s=args.prefix_cache_idle,
     )
 
 
@@ -210,6 +235,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             str(args.peer_timeout),
             "--speculative-tokens",
             str(args.speculative_tokens),
+            "--prefix-cache-rows",
+            str(args.prefix_cache_rows),
+            "--prefix-cache-idle",
+            str(args.prefix_cache_idle),
             *(["--spin-us", str(args.spin_us)] if args.spin_us is not None else []),
         ]
         if args.draft_model:

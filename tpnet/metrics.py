@@ -130,6 +130,11 @@ class Metrics:
             ["rank"],
             registry=r,
         )
+        self.prefix_tokens = Counter(
+            "tpnet_prefix_reused_tokens",
+            "Prompt tokens whose KV cache was taken over from an earlier sequence",
+            registry=r,
+        )
         self.spec_accepted = Counter(
             "tpnet_speculative_accepted_tokens", "Drafted tokens accepted", registry=r
         )

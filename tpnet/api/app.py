@@ -159,6 +159,7 @@ class _RequestRecord:
     endpoint: str
     started: float
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose cache was reused
     completion_tokens: int = 0
     outcome: str | None = None
     status: int | None = None  # overrides the response status when set
@@ -278,11 +279,15 @@ class _Run:
         pending: list[TokenOutput] = []
         offsets: list[int] = []
         generated = 0
+        first_output = True
         last_token_at: float | None = None
         try:
             outputs = self._api.engine.generate(sequence)
             async for output in outputs:
                 last_token_at = self._observe_token(last_token_at)
+                if first_output:
+                    self.record.cached_tokens += output.cached_prompt_tokens
+                    first_output = False
                 generated += 1
 
                 # The end-of-turn token is generated but is not text.
@@ -974,11 +979,12 @@ class _Api:
         }
 
     @staticmethod
-    def _usage(record: _RequestRecord) -> dict[str, int]:
+    def _usage(record: _RequestRecord) -> dict[str, Any]:
         return {
             "prompt_tokens": record.prompt_tokens,
             "completion_tokens": record.completion_tokens,
             "total_tokens": record.prompt_tokens + record.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": record.cached_tokens},
         }
 
     def _model_card(self) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 Requests wait in a bounded queue, join the running batch at the next step
 (long prompts are fed in chunks so that decoding of others continues), and
 leave it when finished or cancelled; their cache slot is freed in the next
-step. Each step is one STEP message to every worker and one forward pass on
+step, or kept for a while with its tokens (prefix reuse): a new request whose
+prompt starts with the same tokens (a shared system prompt, the earlier turns
+of a conversation) takes that slot over, the cache cut to the common prefix,
+and only the rest of its prompt is computed. Each step is one STEP message to every worker and one forward pass on
 every rank. When a rank is lost, every in-flight request ends at once with
 ClusterUnavailable, new requests are refused, and the scheduler waits for the
 cluster to re-form, then starts a new epoch.
@@ -63,6 +66,18 @@ class EngineLimits:
     # latency for a few streams, but in a full batch every rejected draft is
     # a row of compute taken from the others.
     speculative_max_batch: int = 4
+    # Caches of finished sequences kept for prefix reuse (0 turns it off).
+    # Each holds a row of the KV cache on every rank; all are dropped after
+    # prefix_idle_s seconds without work, so an idle server gives the memory
+    # back.
+    prefix_rows: int = 8
+    prefix_idle_s: float = 60.0
+
+
+# A kept cache is reused only for a common prefix at least this long: a
+# shorter one saves little and would take a slot that a longer match (a later
+# turn of the same conversation) could have used.
+MIN_PREFIX_TOKENS = 8
 
 
 @dataclass
@@ -73,7 +88,9 @@ class Sequence:
     tokens: list[int]
     prompt_len: int
     out: asyncio.Queue[TokenOutput | EngineError] = field(default_factory=asyncio.Queue)
-    fed: int = 0  # tokens already in the KV cache
+    fed: int = 0  # tokens of `tokens` whose cache the ranks hold
+    in_cache: int = 0  # positions the ranks hold (fed, plus drafts in a step)
+    cached: int = 0  # prompt tokens whose cache came from an earlier sequence
     generated: int = 0
     finished: bool = False
     cancelled: bool = False
@@ -102,9 +119,16 @@ class Engine:
         self.vocab_size = runner.model.config.vocab_size
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        self._free_slots = list(range(limits.max_running + limits.max_queued))
+        # Slot ids: one for every sequence that may run or wait, and one for
+        # every kept cache.
+        self._free_slots = list(
+            range(limits.max_running + limits.max_queued + limits.prefix_rows)
+        )
         self._to_free: list[int] = []
         self._to_trim: list[list[int]] = []
+        # slot -> the tokens in its cache, of sequences that have ended, least
+        # recently used first
+        self.kept: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
         self.drafter = draft_model
         self.lookup = PromptLookup()
         self._work = asyncio.Event()
@@ -148,6 +172,7 @@ class Engine:
             else [],
             "running": len(self.running),
             "queued": len(self.waiting),
+            "kept_prefixes": len(self.kept),
         }
 
     def admit(self, prompt_len: int, max_tokens: int | None, count: int = 1) -> None:
@@ -178,6 +203,8 @@ class Engine:
         """Token outputs of one sequence; closing the generator early cancels
         the sequence and frees its cache within one step."""
         self.admit(len(request.prompt_ids), request.max_tokens)
+        if not self._free_slots and self.kept:
+            self._free_slot(self.kept.popitem(last=False)[0])
         if not self._free_slots:
             raise QueueFull("no free sequence slot")
         seq = Sequence(
@@ -219,14 +246,55 @@ class Engine:
             self._release(seq)
         self.running.clear()
         self.waiting.clear()
+        self._drop_kept()
 
-    def _release(self, seq: Sequence) -> None:
-        if self.drafter is not None and seq.slot >= 0:
+    def _release(self, seq: Sequence, keep: bool = False) -> None:
+        """Give up the sequence's slot; with `keep`, its cache stays on every
+        rank for a later prompt with the same beginning."""
+        if seq.slot < 0:
+            return
+        if self.drafter is not None:
             self.drafter.forget(seq.slot)
-        if seq.slot >= 0:
-            self._free_slots.append(seq.slot)
-            self._to_free.append(seq.slot)
-            seq.slot = -1
+        if keep and self.limits.prefix_rows > 0 and seq.fed >= MIN_PREFIX_TOKENS:
+            if seq.in_cache > seq.fed:  # drafts that were not accepted
+                self._to_trim.append([seq.slot, seq.in_cache - seq.fed])
+            self.kept[seq.slot] = seq.tokens[: seq.fed]
+            while len(self.kept) > self.limits.prefix_rows:
+                self._free_slot(self.kept.popitem(last=False)[0])
+        else:
+            self._free_slot(seq.slot)
+        seq.slot = -1
+
+    def _free_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+        self._to_free.append(slot)
+
+    def _drop_kept(self) -> None:
+        """Free every kept cache (in the next step)."""
+        for slot in self.kept:
+            self._free_slot(slot)
+        self.kept.clear()
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Let a sequence about to start take over the kept cache that shares
+        the longest beginning with its prompt (the last prompt token is always
+        computed: its logits give the first output)."""
+        prompt = seq.tokens[: seq.prompt_len - 1]
+        best, best_len = None, MIN_PREFIX_TOKENS - 1
+        for slot, tokens in self.kept.items():
+            common = _common_prefix(prompt, tokens)
+            if common >= best_len:  # ties: the most recently kept
+                best, best_len = slot, common
+        if best is None:
+            return
+        cut = len(self.kept.pop(best)) - best_len
+        if cut:
+            self._to_trim.append([best, cut])
+        self._free_slots.append(seq.slot)  # never used on the ranks
+        seq.slot = best
+        seq.fed = seq.in_cache = seq.cached = best_len
+        if self.metrics is not None:
+            self.metrics.prefix_tokens.inc(best_len)
 
     async def _loop(self) -> None:
         while not self._closing:
@@ -235,9 +303,7 @@ class Engine:
                 continue
             self._drop_cancelled()
             self._admit_waiting()
-            if not self.running:
-                self._work.clear()
-                await self._work.wait()
+            if not self.running and not await self._idle_until_work():
                 continue
             try:
                 await self._step()
@@ -251,6 +317,21 @@ class Engine:
                 self.ready = False
             await asyncio.sleep(0)  # let the HTTP side run between steps
 
+    async def _idle_until_work(self) -> bool:
+        """Wait for work. After prefix_idle_s without any, give up the kept
+        caches and return True: a step with no sequences then frees them on
+        every rank."""
+        self._work.clear()
+        if not self.kept and not self._to_free:
+            await self._work.wait()
+            return False
+        try:
+            await asyncio.wait_for(self._work.wait(), self.limits.prefix_idle_s)
+            return False
+        except TimeoutError:
+            self._drop_kept()
+            return True
+
     async def _reform(self) -> None:
         assert self.mesh is not None
         self.ready = False
@@ -259,6 +340,7 @@ class Engine:
         # from any earlier one, also after rank 0 itself restarted.
         self.epoch = random.randrange(1, 1 << 23)
         self.runner.begin_epoch(self.epoch)
+        self._drop_kept()
         self._to_free.clear()
         self._to_trim.clear()
         self.ready = True
@@ -269,7 +351,7 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.running if s.cancelled]:
             self.running.remove(seq)
-            self._release(seq)
+            self._release(seq, keep=True)
             logger.info("request %s cancelled", seq.request.request_id)
         for seq in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(seq)
@@ -277,7 +359,10 @@ class Engine:
 
     def _admit_waiting(self) -> None:
         while self.waiting and len(self.running) < self.limits.max_running:
-            self.running.append(self.waiting.popleft())
+            seq = self.waiting.popleft()
+            if self.kept:
+                self._reuse_prefix(seq)
+            self.running.append(seq)
 
     def _plan(
         self,
@@ -319,7 +404,9 @@ class Engine:
         self.steps += 1
         row = 0
         for seq, n, rows in members:
-            seq.fed += n
+            seq.in_cache += n
+            # Of drafts, only those the model agrees with count as fed.
+            seq.fed += 1 if seq.drafts else n
             try:
                 if seq.drafts:
                     self._verify(seq, logits[row : row + rows])
@@ -380,6 +467,8 @@ class Engine:
                 token = accept_or_replace(
                     probs, draft, seq.sampler.uniform(), seq.sampler.draw_from
                 )
+            if token == draft:
+                seq.fed += 1  # the draft's cache entry is this very token
             self._deliver(seq, token, logprobs)
             if token != draft:
                 break
@@ -392,11 +481,10 @@ class Engine:
         if self.metrics is not None:
             self.metrics.spec_drafted.inc(len(drafts))
             self.metrics.spec_accepted.inc(accepted)
-        rejected = len(drafts) - accepted
-        if rejected and not seq.finished and seq.slot >= 0:
+        if seq.in_cache > seq.fed and seq.slot >= 0:
             # The cache holds the rejected drafts: drop them in the next step.
-            seq.fed -= rejected
-            self._to_trim.append([seq.slot, rejected])
+            self._to_trim.append([seq.slot, seq.in_cache - seq.fed])
+            seq.in_cache = seq.fed
         seq.drafts = []
 
     def _emit(self, seq: Sequence, logits: np.ndarray) -> None:
@@ -421,6 +509,7 @@ class Engine:
             finish = "length"
         output = TokenOutput(
             token_id=token,
+            cached_prompt_tokens=seq.cached,
             logprob=float(logprobs[token]) if logprobs is not None else None,
             top_logprobs=top_alternatives(logprobs, params.top_logprobs)
             if logprobs is not None
@@ -431,4 +520,12 @@ class Engine:
         if finish is not None:
             seq.finished = True
             self.running.remove(seq)
-            self._release(seq)
+            self._release(seq, keep=True)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

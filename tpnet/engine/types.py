@@ -42,6 +42,8 @@ class TokenOutput:
     the text), "length" when max_tokens or the context ran out."""
 
     token_id: int
+    # Prompt tokens of this sequence whose cache was reused, not computed.
+    cached_prompt_tokens: int = 0
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None

@@ -23,9 +23,10 @@ from tpnet.model.shard import ShardPlan, SliceLoader
 
 AllSum = Callable[[mx.array], Awaitable[mx.array]]
 
-# Decode attention reads the pool's rows in place when at most this many of
-# the rows up to the last one in use are free (each costs a wasted row of
-# attention); with more holes it gathers the rows in use instead.
+# Decode attention reads the pool's rows in place when no more of the rows up
+# to the last one in use are free (or kept for prefix reuse) than this or the
+# number of sequences decoded: each such row costs a wasted row of attention,
+# about what gathering a row in use costs. With more, it gathers.
 POOL_SLACK_ROWS = 4
 
 
@@ -135,7 +136,7 @@ class Attention:
         keys = cache.keys[layer][:, :, :span]
         values = cache.values[layer][:, :, :span]
         pooled = max(rows_list) + 1
-        if pooled <= len(segs) + POOL_SLACK_ROWS:
+        if pooled <= len(segs) + max(POOL_SLACK_ROWS, len(segs)):
             # Attend over the pool's first rows in place: queries are put in
             # row order (a free row in between gets a dummy query whose
             # output is dropped), which is far cheaper than gathering the
