@@ -24,6 +24,8 @@ from _common import format_table, percentile  # noqa: E402
 # seconds, the load run starts a 2-rank cluster (model load) first.
 LATENCY_TIMEOUT_S = 240
 LOAD_TIMEOUT_S = 420
+# Loads the default model once per rank, in-process.
+BATCH_STEP_TIMEOUT_S = 300
 
 
 def run_script(args: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
@@ -106,3 +108,38 @@ def test_load_run_against_its_own_cluster_prints_tokens_per_second(
         assert level["whole_tokens_per_s"] * level["wall_s"] >= (
             level["tokens_per_s"] * level["window_s"] - 1e-6
         )
+
+
+def test_batch_step_run_prints_each_ranks_step_and_the_wait(tmp_path: Path) -> None:
+    out = tmp_path / "batch.json"
+
+    result = run_script(
+        [
+            "benchmarks/batch_step.py",
+            "--batches",
+            "1,3",
+            "--steps",
+            "1",
+            "--context",
+            "8",
+            "--json",
+            str(out),
+        ],
+        BATCH_STEP_TIMEOUT_S,
+    )
+
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "vs 1st" in result.stdout
+    assert "waits" in result.stdout
+    summary = json.loads(out.read_text())
+    assert [(r["rank"], r["batch"]) for r in summary["rows"]] == [
+        (0, 1),
+        (0, 3),
+        (1, 1),
+        (1, 3),
+    ]
+    assert all(r["step"] > 0 for r in summary["rows"])
+    # The two shards tile the model's query heads.
+    assert (
+        summary["shards"][0]["query_heads"][1] == summary["shards"][1]["query_heads"][0]
+    )
