@@ -127,3 +127,26 @@ def test_prefix_reuse_can_be_turned_off(tmp_path):
 
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert health["kept_prefixes"] == 0
+
+
+def test_a_cache_is_reused_only_for_at_least_8_shared_tokens(tmp_path):
+    cluster = _tiny_cluster(tmp_path, [])
+    first = list(range(1000, 1020))
+
+    def cached(prompt: list[int]) -> int:
+        status, body = cluster.post(
+            "/v1/completions",
+            {"prompt": prompt, "max_tokens": 2, "temperature": 0},
+        )
+        assert status == 200, body
+        return body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    try:
+        assert cached(first) == 0
+        assert cached(first[:7] + list(range(2000, 2013))) == 0
+        assert cached(first[:8] + list(range(3000, 3012))) == 8
+        # Cut to 8 tokens and taken over, the first prompt's cache is gone;
+        # the third prompt's is kept now and shares 8 tokens with the first.
+        assert cached(first) == 8
+    finally:
+        cluster.stop()

@@ -6,8 +6,8 @@ leave it when finished or cancelled; their cache slot is freed in the next
 step, or kept for a while with its tokens (prefix reuse): a new request whose
 prompt starts with the same tokens (a shared system prompt, the earlier turns
 of a conversation) takes that slot over, the cache cut to the common prefix,
-and only the rest of its prompt is computed. Each step is one STEP message to every worker and one forward pass on
-every rank. When a rank is lost, every in-flight request ends at once with
+and only the rest of its prompt is computed. Each step is one STEP message to
+every worker and one forward pass on every rank. When a rank is lost, every in-flight request ends at once with
 ClusterUnavailable, new requests are refused, and the scheduler waits for the
 cluster to re-form, then starts a new epoch.
 """
@@ -280,10 +280,11 @@ class Engine:
         the longest beginning with its prompt (the last prompt token is always
         computed: its logits give the first output)."""
         prompt = seq.tokens[: seq.prompt_len - 1]
-        best, best_len = None, MIN_PREFIX_TOKENS - 1
+        best, best_len = None, 0
         for slot, tokens in self.kept.items():
             common = _common_prefix(prompt, tokens)
-            if common >= best_len:  # ties: the most recently kept
+            # >=: of equal matches, the most recently kept
+            if common >= MIN_PREFIX_TOKENS and common >= best_len:
                 best, best_len = slot, common
         if best is None:
             return
