@@ -427,3 +427,19 @@ def test_the_example_cluster_file_is_valid():
     cl = cluster.load(str(example))
 
     assert [r.address for r in cl.ranks] == ["192.0.2.10:29500", "192.0.2.11:29500"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-queued", "4090"], "the ranks hold at most 4096 sequence caches"),
+        (["--prefix-cache-rows", "-1"], "--prefix-cache-rows must be between"),
+        (["--prefix-cache-idle", "0"], "--prefix-cache-idle must be a positive"),
+        (["--prefix-cache-idle", "nan"], "--prefix-cache-idle must be a positive"),
+    ],
+)
+def test_engine_limits_that_cannot_work_are_refused_naming_the_flag(flags, message):
+    args = cli.build_parser().parse_args(["serve", *flags])
+
+    with pytest.raises(ConfigError, match=message):
+        cli._limits(args)

@@ -150,3 +150,21 @@ def test_a_cache_is_reused_only_for_at_least_8_shared_tokens(tmp_path):
         assert cached(first) == 8
     finally:
         cluster.stop()
+
+
+def test_cached_tokens_count_each_prompt_once_whatever_n(tmp_path):
+    cluster = _tiny_cluster(tmp_path, [])
+    prompt = list(range(1000, 1040))
+    body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "n": 3}
+    try:
+        cluster.post("/v1/completions", body)
+        status, again = cluster.post("/v1/completions", body)
+    finally:
+        cluster.stop()
+
+    assert status == 200, again
+    usage = again["usage"]
+    assert usage["prompt_tokens"] == len(prompt)
+    # Some sample took over a kept cache of the whole prompt but its last
+    # token; the usage counts that prompt's cached tokens once.
+    assert usage["prompt_tokens_details"]["cached_tokens"] == len(prompt) - 1

@@ -18,6 +18,7 @@ import time
 
 from tpnet import cluster
 from tpnet.engine.engine import EngineLimits
+from tpnet.engine.step import MAX_SLOTS
 from tpnet.net import Address
 from tpnet.node import (
     ConfigError,
@@ -122,6 +123,12 @@ def _limits(args: argparse.Namespace) -> EngineLimits:
     if not 0 <= args.prefix_cache_rows <= MAX_PREFIX_CACHE_ROWS:
         raise ConfigError(
             f"--prefix-cache-rows must be between 0 and {MAX_PREFIX_CACHE_ROWS}"
+        )
+    slots = args.max_running + args.max_queued + args.prefix_cache_rows
+    if slots > MAX_SLOTS:
+        raise ConfigError(
+            f"--max-running + --max-queued + --prefix-cache-rows is {slots}; "
+            f"the ranks hold at most {MAX_SLOTS} sequence caches"
         )
     if not args.prefix_cache_idle > 0:  # also refuses nan
         raise ConfigError("--prefix-cache-idle must be a positive number of seconds")

@@ -236,8 +236,12 @@ class _Run:
         sequences: list[tuple[int, GenerationRequest]],
         stops: Sequence[str],
         want_logprobs: bool,
+        samples_per_prompt: int,
     ) -> None:
         self._api = api
+        self._samples_per_prompt = samples_per_prompt
+        # prompt index -> its reused prompt tokens (the most any sample had)
+        self._cached: dict[int, int] = {}
         self._request = request
         self.record = request[_RECORD]
         self._stops = stops
@@ -286,7 +290,7 @@ class _Run:
             async for output in outputs:
                 last_token_at = self._observe_token(last_token_at)
                 if first_output:
-                    self.record.cached_tokens += output.cached_prompt_tokens
+                    self._count_cached(index, output.cached_prompt_tokens)
                     first_output = False
                 generated += 1
 
@@ -329,6 +333,15 @@ class _Run:
             aclose = getattr(outputs, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    def _count_cached(self, index: int, cached: int) -> None:
+        """Usage counts each prompt once (n samples share it), so its cached
+        tokens are those of the sample that reused the most."""
+        prompt = index // self._samples_per_prompt
+        before = self._cached.get(prompt, 0)
+        if cached > before:
+            self._cached[prompt] = cached
+            self.record.cached_tokens += cached - before
 
     def _observe_token(self, last_token_at: float | None) -> float:
         now = time.monotonic()
@@ -851,7 +864,7 @@ class _Api:
                         ),
                     )
                 )
-        run = _Run(self, request, sequences, options.stop, fmt.want_logprobs)
+        run = _Run(self, request, sequences, options.stop, fmt.want_logprobs, options.n)
 
         # 3. Answer, and whatever happens close every sequence.
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -120,7 +121,7 @@ class Engine:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         # Slot ids: one for every sequence that may run or wait, and one for
-        # every kept cache.
+        # every kept cache; a heap, so the lowest free id goes out first.
         self._free_slots = list(
             range(limits.max_running + limits.max_queued + limits.prefix_rows)
         )
@@ -209,7 +210,7 @@ class Engine:
             raise QueueFull("no free sequence slot")
         seq = Sequence(
             request=request,
-            slot=self._free_slots.pop(),
+            slot=heapq.heappop(self._free_slots),
             sampler=Sampler(request.sampling, request.prompt_ids),
             tokens=list(request.prompt_ids),
             prompt_len=len(request.prompt_ids),
@@ -266,7 +267,7 @@ class Engine:
         seq.slot = -1
 
     def _free_slot(self, slot: int) -> None:
-        self._free_slots.append(slot)
+        heapq.heappush(self._free_slots, slot)
         self._to_free.append(slot)
 
     def _drop_kept(self) -> None:
@@ -291,7 +292,7 @@ class Engine:
         cut = len(self.kept.pop(best)) - best_len
         if cut:
             self._to_trim.append([best, cut])
-        self._free_slots.append(seq.slot)  # never used on the ranks
+        heapq.heappush(self._free_slots, seq.slot)  # never used on the ranks
         seq.slot = best
         seq.fed = seq.in_cache = seq.cached = best_len
         if self.metrics is not None:
