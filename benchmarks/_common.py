@@ -7,6 +7,7 @@ Everything here talks to 127.0.0.1 only, and every wait is bounded.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -121,6 +122,19 @@ def format_table(
         return "  ".join(padded).rstrip()
 
     return "\n".join([line(headers), *(line(row) for row in rows)])
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: "1,4,8" -> [1, 4, 8], every number at least 1."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"integers separated by commas expected, got {text!r}"
+        ) from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every number must be at least 1: {text!r}")
+    return values
 
 
 def write_json(path: str, data: Any) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 # tpnet first: it loads OpenBLAS, which must happen before MLX is imported.
 import tpnet  # noqa: F401
 import mlx.core as mx
-from _common import format_table, write_json
+from _common import format_table, positive_ints, write_json
 from tpnet.model.llama import Segment, ShardedModel, rms_norm
 from tpnet.model.loader import load_model
 from tpnet.model.shard import mlp_unit_for, plan_shard
@@ -169,7 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--batches", default="1,2,4,8,16")
+    parser.add_argument("--batches", type=positive_ints, default="1,2,4,8,16")
     parser.add_argument("--context", type=int, default=80)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--model", help="model path (default: the default model)")
@@ -181,12 +181,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    try:
-        args.batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.error(f"--batches must be integers separated by commas: {args.batches}")
-    if not args.batches or min(args.batches) < 1:
-        parser.error("--batches must be at least 1")
     if args.world_size < 1 or args.context < 1 or args.steps < 1:
         parser.error("--world-size, --context and --steps must be at least 1")
     if args.dequantize is None:

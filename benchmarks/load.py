@@ -46,7 +46,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from _common import LOOPBACK, free_port_range, percentile, stop_process, write_json
+from _common import (
+    LOOPBACK,
+    free_port_range,
+    percentile,
+    positive_ints,
+    stop_process,
+    write_json,
+)
 
 PROMPTS = [
     "In three sentences, explain why the sky is blue.",
@@ -400,7 +407,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--url", default=f"http://{LOOPBACK}:8100")
-    parser.add_argument("--clients", default="1,4,8,16", help="levels, e.g. 1,4,8")
+    parser.add_argument(
+        "--clients", type=positive_ints, default="1,4,8,16", help="levels, e.g. 1,4,8"
+    )
     parser.add_argument("--seconds", type=float, default=30.0, help="per level")
     parser.add_argument(
         "--warmup",
@@ -429,12 +438,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     cluster.add_argument("--cluster-log", help="copy the cluster's log here")
     args = parser.parse_args(argv)
-    try:
-        args.clients = [int(n) for n in args.clients.split(",")]
-    except ValueError:
-        parser.error(f"--clients must be integers separated by commas: {args.clients}")
-    if not args.clients or min(args.clients) < 1:
-        parser.error("--clients levels must be at least 1")
     if args.seconds <= 0 or args.max_tokens < 1:
         parser.error("--seconds must be positive and --max-tokens at least 1")
     if not 0 <= args.warmup < args.seconds:
