@@ -54,6 +54,7 @@ def exporter(completion_tokens: int, requests: int = 3) -> Metrics:
         metrics.inter_token(seconds)
     metrics.spec_drafted.inc(40)
     metrics.spec_accepted.inc(30)
+    metrics.prefix_tokens.inc(12)
     return metrics
 
 
@@ -95,6 +96,8 @@ def test_a_frame_shows_every_figure_of_the_exporter():
     assert "first token  p50   31.2 ms" in frame
     assert "all-reduce   p50" in frame
     assert "75.0% accepted (30 of 40 drafted)" in frame
+    # 3 requests of 10 prompt tokens and a refused one of 0
+    assert "40.0% of prompt tokens taken from kept caches (12 of 30)" in frame
     assert "\x1b" not in frame
 
 

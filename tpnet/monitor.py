@@ -334,6 +334,17 @@ def render(
         )
     else:
         lines.append(f"{'speculative':<13}no drafted tokens")
+
+    # 6. Prefix reuse.
+    prompt_total = snapshot.value("tpnet_prompt_tokens_total")
+    reused = snapshot.value("tpnet_prefix_reused_tokens_total") or 0.0
+    if prompt_total:
+        lines.append(
+            f"{'prefix reuse':<13}{100.0 * reused / prompt_total:.1f}% of prompt "
+            f"tokens taken from kept caches ({reused:.0f} of {prompt_total:.0f})"
+        )
+    else:
+        lines.append(f"{'prefix reuse':<13}no prompt tokens yet")
     return "\n".join(lines) + "\n"
 
 
