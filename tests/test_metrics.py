@@ -67,3 +67,18 @@ def test_metrics_cover_requests_latencies_and_every_rank(tmp_path):
     assert value(samples, "tpnet_ranks_connected") == 2
     assert value(samples, "tpnet_rank_memory_bytes", rank="0") > 0
     assert value(samples, "tpnet_rank_memory_bytes", rank="1") > 0
+
+
+def test_a_ranks_cpu_share_covers_the_time_since_the_last_report():
+    from tpnet.metrics import rank_stats
+
+    rank_stats(0)
+    busy_until = time.process_time() + 0.2
+    while time.process_time() < busy_until:
+        pass
+    stats = rank_stats(0)
+
+    # 0.2 s of this process's CPU time went by: a fresh psutil handle per
+    # call (the old bug) reports 0.0 every time.
+    assert stats["cpu_percent"] > 0
+    assert stats["rss_bytes"] > 0

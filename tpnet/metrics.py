@@ -38,9 +38,23 @@ ALLREDUCE_BUCKETS = (
 )
 
 
+_this_process: psutil.Process | None = None
+
+
+def _process() -> psutil.Process:
+    """One psutil handle for this process: cpu_percent measures the CPU time
+    since the same handle's previous call, so a new handle always says 0."""
+    global _this_process
+    if _this_process is None or _this_process.pid != os.getpid():
+        _this_process = psutil.Process(os.getpid())
+        _this_process.cpu_percent(None)  # the first call only starts the clock
+    return _this_process
+
+
 def rank_stats(rank: int) -> dict[str, Any]:
-    """This process's CPU and memory use, as a CONTROL stats body."""
-    proc = psutil.Process(os.getpid())
+    """This process's CPU and memory use since the previous call, as a
+    CONTROL stats body."""
+    proc = _process()
     with proc.oneshot():
         stats: dict[str, Any] = {
             "type": "stats",
@@ -145,7 +159,7 @@ class Metrics:
         )
         self.worker_stats: dict[int, dict[str, Any]] = {}
         collective.on_latency = self.allreduce.observe
-        psutil.Process(os.getpid()).cpu_percent(None)  # prime the CPU counter
+        _process()  # start the CPU clock
 
     # events from the api layer ------------------------------------------------
 
