@@ -25,6 +25,7 @@ import argparse
 import random
 import sys
 import time
+from types import SimpleNamespace
 from typing import Any
 
 # isort: off
@@ -35,7 +36,7 @@ from _common import format_table, positive_ints, write_json
 from tpnet.model.llama import Segment, ShardedModel, rms_norm
 from tpnet.model.loader import load_model
 from tpnet.model.shard import mlp_unit_for, plan_shard
-from tpnet.node import dequantize_by_default
+from tpnet.node import compute_path, dequantize_by_default
 
 # isort: on
 
@@ -118,9 +119,11 @@ def measure_rank(
 def report(args: argparse.Namespace, shards: list[dict], rows: list[dict]) -> None:
     print(
         f"tpnet batch step: {args.model or 'default model'}, {args.world_size} "
-        f"ranks' shards, {args.context} cached positions, {args.steps} steps, "
-        f"{'dequantized' if args.dequantize else 'stored'} weights (ms per step)"
+        f"ranks' shards, {args.context} cached positions, {args.steps} steps "
+        "(ms per step)"
     )
+    path = compute_path(SimpleNamespace(dtype="float32", dequantize=args.dequantize))
+    print(f"compute path: {path}")
     for shard in shards:
         print(
             f"rank {shard['rank']}: query heads {shard['query_heads']}, KV heads "

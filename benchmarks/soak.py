@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +26,10 @@ import urllib.request
 
 import aiohttp
 import psutil
+from _common import free_port_range
 
 REQUEST_TIMEOUT_S = 120.0
 READY_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def health_status(url: str) -> int:
@@ -131,7 +126,9 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=4)
     args = p.parse_args()
 
-    port, base = free_port(), free_port()
+    # The ranks' ports and the HTTP port, consecutive and all free now.
+    base = free_port_range(args.world_size + 1)
+    port = base + args.world_size
     home = tempfile.mkdtemp(prefix="tpnet-soak-")
     command = [
         sys.executable,
@@ -151,6 +148,7 @@ def main() -> int:
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    status = 1
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -165,13 +163,18 @@ def main() -> int:
         else:
             print("soak: the cluster did not become healthy", file=sys.stderr)
             return 1
-        return asyncio.run(drive(args, url, rank_processes(serve)))
+        status = asyncio.run(drive(args, url, rank_processes(serve)))
+        return status
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         try:
             serve.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
+        if status == 0:
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            print(f"soak: the cluster's log stays in {home}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ Rows (--rows takes their keys; default: all):
 Every row answers the same chat prompt (the repeating rows a paragraph to
 copy with one word changed) greedily, one request at a time, up to
 --max-tokens tokens. Decode tok/s is (tokens - 1) / (last token - first
-token); prompt tok/s is prompt tokens / time to first token (TTFT). tpnet is
+token); prompt tok/s is prompt tokens / time to first token (TTFT), with
+tpnet's prefix reuse off (each row asks the same prompt again). tpnet is
 driven over HTTP with streaming, so its times include the API; mlx-lm runs in
 a child process of this script that times its own tokens.
 
@@ -584,6 +585,10 @@ class TpnetServer:
             "--no-restart",
             "--peer-timeout",
             str(PEER_TIMEOUT_S),
+            # Every request here is the same prompt: with prefix reuse the
+            # prompt figures would time cache hits, not prompt processing.
+            "--prefix-cache-rows",
+            "0",
             *self.opts.tpnet_args,
         ]
         env = dict(os.environ, TPNET_HOME=home, PYTHONUNBUFFERED="1")
