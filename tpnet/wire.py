@@ -708,7 +708,8 @@ class Handshake:
         if not _same_proof(proof, _proof(self.secret, b"responder", self._transcript)):
             raise HandshakeRefused(
                 "auth_failed",
-                f"rank {remote.rank} failed authentication (wrong secret)",
+                f"rank {remote.rank} does not prove this rank's secret: the two "
+                "ranks have different cluster secrets",
             )
         self.remote = remote
         self._state = "await_welcome"
@@ -719,7 +720,9 @@ class Handshake:
         proof = _field(body, "proof", str, "peer")
         if not _same_proof(proof, _proof(self.secret, b"initiator", self._transcript)):
             raise HandshakeRefused(
-                "auth_failed", "peer failed authentication (wrong secret)"
+                "auth_failed",
+                "the peer does not prove this rank's secret: the two ranks have "
+                "different cluster secrets",
             )
         self._state = "done"
         self.done = True
