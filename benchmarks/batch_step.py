@@ -33,7 +33,7 @@ from typing import Any
 import tpnet  # noqa: F401
 import mlx.core as mx
 from _common import format_table, positive_ints, write_json
-from tpnet.model.llama import Segment, ShardedModel, rms_norm
+from tpnet.model.llama import Segment, ShardedModel, decode_batch, rms_norm
 from tpnet.model.loader import load_model
 from tpnet.model.shard import mlp_unit_for, plan_shard
 from tpnet.node import compute_path, dequantize_by_default
@@ -61,9 +61,10 @@ def _decode_step(
 ) -> None:
     tokens = mx.array([TOKEN] * len(segments), dtype=mx.int32)
     h = _timed(totals, "embed", lambda: model.embed_tokens.rows(tokens))
+    decode = decode_batch(segments, cache)
     for i, layer in enumerate(model.layers):
         attention = layer.self_attn(
-            rms_norm(h, layer.input_layernorm, layer.eps), segments, i, cache
+            rms_norm(h, layer.input_layernorm, layer.eps), segments, decode, i, cache
         )
         h = h + _timed(totals, "attention", lambda a=attention: a)
         mlp = layer.mlp(rms_norm(h, layer.post_attention_layernorm, layer.eps))

@@ -77,9 +77,11 @@ def _batched(
     prompts: list[list[int]],
     live: list[int],
     feed: list[list[int]],
+    newcomer: list[int],
 ) -> dict[int, list[np.ndarray]]:
     """Open a slot per prompt, prefill each alone, free every slot not in
-    `live`, then decode the live ones together, listed in `live`'s order."""
+    `live`, then decode the live ones together, listed in `live`'s order,
+    each step with a chunk of the `newcomer` prompt (if any) of a new slot."""
     cache = model.new_cache()
     for slot, prompt in enumerate(prompts):
         cache.open(slot)
@@ -90,13 +92,24 @@ def _batched(
     for slot in range(len(prompts)):
         if slot not in live:
             cache.free(slot)
+    new_slot = len(prompts)
+    cache.open(new_slot)
+    cache.reserve(max(map(len, prompts)) + DECODE_STEPS + len(newcomer))
+    chunk = len(newcomer) // DECODE_STEPS
     out: dict[int, list[np.ndarray]] = {slot: [] for slot in live}
     for step in range(DECODE_STEPS):
+        fed = newcomer[step * chunk : (step + 1) * chunk]
+        # As the scheduler orders them: running sequences, then newcomers.
         segments = [
             Segment(j, 1, cache.row_of[slot], cache.length[slot])
             for j, slot in enumerate(live)
         ]
-        logits = _run(model, [feed[slot][step] for slot in live], segments, cache)
+        if fed:
+            segments.append(
+                Segment(len(live), len(fed), cache.row_of[new_slot], step * chunk)
+            )
+        tokens = [feed[slot][step] for slot in live] + fed
+        logits = _run(model, tokens, segments, cache)
         for j, slot in enumerate(live):
             out[slot].append(logits[j])
             cache.length[slot] += 1
@@ -112,7 +125,8 @@ def _batched(
         (10, [9, 0]),  # 8 free rows between: gathered
     ],
 )
-def test_decoding_in_the_pool_equals_decoding_alone(model, opened, live):
+@pytest.mark.parametrize("with_prompt", [False, True], ids=["decode", "mixed"])
+def test_decoding_in_the_pool_equals_decoding_alone(model, opened, live, with_prompt):
     prompts = _prompts(opened)
     rng = np.random.default_rng(opened)
     feed = [[int(t) for t in rng.integers(10, 40000, size=DECODE_STEPS)]] * opened
@@ -120,7 +134,11 @@ def test_decoding_in_the_pool_equals_decoding_alone(model, opened, live):
     gathered = pooled > len(live) + max(llama.POOL_SLACK_ROWS, len(live))
     assert gathered == (opened == 10)  # the cases cover both paths
 
-    batched = _batched(model, prompts, live, feed)
+    # "mixed": every step also feeds a chunk of a new prompt, after the
+    # decoding sequences in the batch.
+    newcomer = list(range(500, 500 + 4 * DECODE_STEPS)) if with_prompt else []
+
+    batched = _batched(model, prompts, live, feed, newcomer)
 
     for slot in live:
         alone = _alone(model, prompts[slot], feed[slot])

@@ -7,9 +7,10 @@ step, or kept for a while with its tokens (prefix reuse): a new request whose
 prompt starts with the same tokens (a shared system prompt, the earlier turns
 of a conversation) takes that slot over, the cache cut to the common prefix,
 and only the rest of its prompt is computed. Each step is one STEP message to
-every worker and one forward pass on every rank. When a rank is lost, every in-flight request ends at once with
-ClusterUnavailable, new requests are refused, and the scheduler waits for the
-cluster to re-form, then starts a new epoch.
+every worker and one forward pass on every rank. When a rank is lost, every
+in-flight request ends at once with ClusterUnavailable, new requests are
+refused, and the scheduler waits for the cluster to re-form, then starts a new
+epoch.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ class Engine:
         the sequence and frees its cache within one step."""
         self.admit(len(request.prompt_ids), request.max_tokens)
         if not self._free_slots and self.kept:
-            self._free_slot(self.kept.popitem(last=False)[0])
+            self._free_oldest_kept()
         if not self._free_slots:
             raise QueueFull("no free sequence slot")
         seq = Sequence(
@@ -261,7 +262,7 @@ class Engine:
                 self._to_trim.append([seq.slot, seq.in_cache - seq.fed])
             self.kept[seq.slot] = seq.tokens[: seq.fed]
             while len(self.kept) > self.limits.prefix_rows:
-                self._free_slot(self.kept.popitem(last=False)[0])
+                self._free_oldest_kept()
         else:
             self._free_slot(seq.slot)
         seq.slot = -1
@@ -269,6 +270,9 @@ class Engine:
     def _free_slot(self, slot: int) -> None:
         heapq.heappush(self._free_slots, slot)
         self._to_free.append(slot)
+
+    def _free_oldest_kept(self) -> None:
+        self._free_slot(self.kept.popitem(last=False)[0])
 
     def _drop_kept(self) -> None:
         """Free every kept cache (in the next step)."""

@@ -84,15 +84,20 @@ class SlotCache:
 
     # Called by attention, per layer ----------------------------------------
 
-    def write_positions(
-        self, layer: int, rows: mx.array, offsets: mx.array, k: mx.array, v: mx.array
-    ) -> None:
-        """One new position per row: k, v [B, kv_heads, head_dim]."""
+    def position_index(self, rows: mx.array, offsets: mx.array) -> mx.array:
+        """Where one new position per row goes in a layer's buffer seen as
+        [rows * kv_heads * capacity, head_dim]; the same in every layer."""
         heads = mx.arange(self.kv_heads)
         index = (
             (rows[:, None] * self.kv_heads + heads[None, :]) * self.capacity
         ) + offsets[:, None]
-        index = index.reshape(-1)
+        return index.reshape(-1)
+
+    def write_positions(
+        self, layer: int, index: mx.array, k: mx.array, v: mx.array
+    ) -> None:
+        """One new position per row, at `position_index`: k, v [B, kv_heads,
+        head_dim]."""
         for buffers, new in ((self.keys, k), (self.values, v)):
             flat = buffers[layer].reshape(-1, self.head_dim)  # type: ignore[union-attr]
             buffers[layer] = None  # let the scatter update the buffer in place

@@ -23,10 +23,9 @@ from tpnet.model.shard import ShardPlan, SliceLoader
 
 AllSum = Callable[[mx.array], Awaitable[mx.array]]
 
-# Decode attention reads the pool's rows in place when no more of the rows up
-# to the last one in use are free (or kept for prefix reuse) than this or the
-# number of sequences decoded: each such row costs a wasted row of attention,
-# about what gathering a row in use costs. With more, it gathers.
+# Free (or kept) pool rows below the last one in use that decode attention
+# reads anyway rather than gathering (see DecodeBatch): each costs a wasted
+# row of attention, about what gathering a row in use costs.
 POOL_SLACK_ROWS = 4
 
 
@@ -39,6 +38,70 @@ class Segment:
     length: int
     row: int
     offset: int
+
+
+@dataclass
+class DecodeBatch:
+    """What decode attention needs to know about the step's one-token
+    sequences. It is the same in every layer, so `decode_batch` works it out
+    once per step.
+
+    Attention reads the pooled cache's first `pooled` rows in place, queries
+    put in row order (a free row in between gets a dummy query whose output is
+    dropped), which is far cheaper than gathering the sequences' keys and
+    values out of the pool; with many free rows in between (more than
+    POOL_SLACK_ROWS or the number of sequences) it gathers `rows` instead.
+    It reads positions up to the longest sequence only, not the whole
+    capacity: attention costs what it reads."""
+
+    count: int
+    index: mx.array | None  # their rows of the step's batch; None: all rows
+    offsets: mx.array  # each one's new position, in batch order
+    write_index: mx.array  # where their new keys and values go in the pool
+    span: int  # positions read: up to the longest sequence's new one
+    pooled: int | None  # read pool rows [0, pooled) in place; None: gather
+    rows: mx.array  # each one's pool row, in batch order
+    query_order: mx.array | None  # which query each pool row gets
+    output_order: mx.array | None  # pool-row outputs back in batch order
+    mask: mx.array  # [pool rows read, 1, 1, span]: positions each may see
+
+
+def decode_batch(segments: list[Segment], cache: SlotCache) -> DecodeBatch | None:
+    segs = [s for s in segments if s.length == 1]
+    if not segs:
+        return None
+    starts = [s.start for s in segs]
+    rows_list = [s.row for s in segs]
+    offsets = mx.array([s.offset for s in segs])
+    rows = mx.array(rows_list)
+    span = max(s.offset for s in segs) + 1
+    pooled: int | None = max(rows_list) + 1
+    query_order = output_order = None
+    mask_offsets = offsets
+    if pooled > len(segs) + max(POOL_SLACK_ROWS, len(segs)):
+        pooled = None
+    elif rows_list != list(range(len(segs))):
+        seq_of_row = [0] * pooled
+        row_offsets = [0] * pooled
+        for j, s in enumerate(segs):
+            seq_of_row[s.row] = j
+            row_offsets[s.row] = s.offset
+        query_order, output_order = mx.array(seq_of_row), rows
+        mask_offsets = mx.array(row_offsets)
+    # Positions past each sequence's length hold stale or no data.
+    visible = mx.arange(span)[None, :] <= mask_offsets[:, None]
+    return DecodeBatch(
+        count=len(segs),
+        index=None if len(segs) == len(segments) else mx.array(starts),
+        offsets=offsets,
+        write_index=cache.position_index(rows, offsets),
+        span=span,
+        pooled=pooled,
+        rows=rows,
+        query_order=query_order,
+        output_order=output_order,
+        mask=visible[:, None, None, :],
+    )
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -83,7 +146,12 @@ class Attention:
         )
 
     def __call__(
-        self, x: mx.array, segments: list[Segment], layer: int, cache: SlotCache
+        self,
+        x: mx.array,
+        segments: list[Segment],
+        decode: DecodeBatch | None,
+        layer: int,
+        cache: SlotCache,
     ) -> mx.array:
         # x: [T, hidden] -> partial o_proj output [T, hidden]
         d = self.head_dim
@@ -93,12 +161,13 @@ class Attention:
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
-        decode = [s for s in segments if s.length == 1]
-        if len(decode) == len(segments):
+        if decode is not None and decode.count == len(segments):
             out = self._decode(q, k, v, decode, layer, cache)
             return self.o_proj(out.reshape(len(segments), -1))
         pieces = []
-        decoded = self._decode(q, k, v, decode, layer, cache) if decode else None
+        decoded = None
+        if decode is not None:
+            decoded = self._decode(q, k, v, decode, layer, cache)
         j = 0
         for seg in segments:
             if seg.length == 1:
@@ -113,56 +182,33 @@ class Attention:
         q: mx.array,
         k: mx.array,
         v: mx.array,
-        segs: list[Segment],
+        batch: DecodeBatch,
         layer: int,
         cache: SlotCache,
     ) -> mx.array:
         """One new token for each of several sequences, attended together:
         [B, heads, d] in, [B, heads, d] out."""
-        starts = [s.start for s in segs]
-        if starts != list(range(q.shape[0])):
-            index = mx.array(starts)
-            q, k, v = q[index], k[index], v[index]
-        offsets = mx.array([s.offset for s in segs])
-        rows_list = [s.row for s in segs]
-        rows = mx.array(rows_list)
+        if batch.index is not None:
+            q, k, v = q[batch.index], k[batch.index], v[batch.index]
         # [B, heads, 1, d], each sequence rotated at its own position
-        q = self.rope(q[:, :, None, :], offset=offsets)
-        k = self.rope(k[:, :, None, :], offset=offsets)
-        cache.write_positions(layer, rows, offsets, k[:, :, 0, :], v)
-        # Attend over the longest sequence's positions only, not the whole
-        # capacity: the cost of attention grows with the positions it reads.
-        span = max(s.offset for s in segs) + 1
-        keys = cache.keys[layer][:, :, :span]
-        values = cache.values[layer][:, :, :span]
-        pooled = max(rows_list) + 1
-        if pooled <= len(segs) + max(POOL_SLACK_ROWS, len(segs)):
-            # Attend over the pool's first rows in place: queries are put in
-            # row order (a free row in between gets a dummy query whose
-            # output is dropped), which is far cheaper than gathering the
-            # sequences' keys and values out of the pool.
-            in_order = rows_list == list(range(len(rows_list)))
-            if not in_order:
-                seq_of_row = [0] * pooled
-                row_offsets = [0] * pooled
-                for j, s in enumerate(segs):
-                    seq_of_row[s.row] = j
-                    row_offsets[s.row] = s.offset
-                q = q[mx.array(seq_of_row)]
-                offsets = mx.array(row_offsets)
-            keys, values = keys[:pooled], values[:pooled]
+        q = self.rope(q[:, :, None, :], offset=batch.offsets)
+        k = self.rope(k[:, :, None, :], offset=batch.offsets)
+        cache.write_positions(layer, batch.write_index, k[:, :, 0, :], v)
+        keys = cache.keys[layer][:, :, : batch.span]
+        values = cache.values[layer][:, :, : batch.span]
+        if batch.pooled is None:
+            keys, values = keys[batch.rows], values[batch.rows]
         else:
-            in_order = True
-            keys, values = keys[rows], values[rows]
+            keys, values = keys[: batch.pooled], values[: batch.pooled]
+            if batch.query_order is not None:
+                q = q[batch.query_order]
         if self.kv_index is not None:
             keys, values = keys[:, self.kv_index], values[:, self.kv_index]
-        # Positions past each sequence's length hold stale or no data.
-        visible = mx.arange(span)[None, :] <= offsets[:, None]
         o = mx.fast.scaled_dot_product_attention(
-            q, keys, values, scale=self.scale, mask=visible[:, None, None, :]
+            q, keys, values, scale=self.scale, mask=batch.mask
         )
-        if not in_order:
-            o = o[rows]
+        if batch.output_order is not None:
+            o = o[batch.output_order]
         return o[:, :, 0, :]
 
     def _span(
@@ -264,9 +310,10 @@ class ShardedModel:
     ) -> mx.array:
         """Hidden states after the final norm, [T, hidden]."""
         h = await self.embed(tokens)
+        decode = decode_batch(segments, cache)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_layernorm, layer.eps)
-            h = h + await self.all_sum(layer.self_attn(x, segments, i, cache))
+            h = h + await self.all_sum(layer.self_attn(x, segments, decode, i, cache))
             x = rms_norm(h, layer.post_attention_layernorm, layer.eps)
             h = h + await self.all_sum(layer.mlp(x))
         return rms_norm(h, self.norm, self.config.rms_norm_eps)
